@@ -1,0 +1,93 @@
+"""skybatch: run one Python function over a large dataset on a pool of workers.
+
+A Sky Batch script ports by renaming ``sky.batch.`` to ``skybatch.``::
+
+    ds = skybatch.Dataset(skybatch.JsonReader("data.jsonl"))
+
+    @skybatch.remote_function
+    def double_text():
+        for batch in skybatch.load():
+            skybatch.save_results([{"output": item["text"] * 2} for item in batch])
+
+    ds.map(double_text, pool_name="my-pool", batch_size=2,
+           output=skybatch.JsonWriter("out.jsonl"))
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+from skybatch.client.admin import cancel, jobs_queue, pool_apply, pool_down, pool_status
+from skybatch.client.dataset import Dataset, Job
+from skybatch.client.remote import RemoteFunction, remote_function
+from skybatch.errors import (
+    AuthError,
+    ConfigError,
+    ConflictError,
+    InputError,
+    JobCancelledError,
+    JobError,
+    JobFailedError,
+    MapperError,
+    NotFoundError,
+    OutputError,
+    PoolError,
+    PoolSpecError,
+    ServerError,
+    SkyBatchError,
+)
+from skybatch.io.base import InputReader, OutputWriter
+from skybatch.io.jsonl import JsonReader, JsonWriter
+from skybatch.states import JobStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConflictError",
+    "Dataset",
+    "InputError",
+    "InputReader",
+    "Job",
+    "JobCancelledError",
+    "JobError",
+    "JobFailedError",
+    "JobStatus",
+    "JsonReader",
+    "JsonWriter",
+    "MapperError",
+    "NotFoundError",
+    "OutputError",
+    "OutputWriter",
+    "PoolError",
+    "PoolSpecError",
+    "RemoteFunction",
+    "ServerError",
+    "SkyBatchError",
+    "__version__",
+    "cancel",
+    "jobs_queue",
+    "load",
+    "pool_apply",
+    "pool_down",
+    "pool_status",
+    "remote_function",
+    "save_results",
+]
+
+
+def load() -> NoReturn:
+    """Inside a mapper on a worker: yield the batches, each a list of dicts."""
+    raise SkyBatchError(
+        "skybatch.load() works only inside a mapper running on a worker; "
+        "decorate the mapper with @skybatch.remote_function and pass it to ds.map(...)"
+    )
+
+
+def save_results(results: list[dict[str, Any]]) -> NoReturn:
+    """Inside a mapper on a worker: save one dict per input row of the current batch."""
+    raise SkyBatchError(
+        "skybatch.save_results() works only inside a mapper running on a worker; "
+        "pass the mapper to ds.map(...)"
+    )

@@ -1,0 +1,1 @@
+"""The worker agent (leases, reads, runs, writes, commits) and its runner."""

@@ -1,0 +1,5 @@
+import sys
+
+from skybatch.agent.agent import main
+
+sys.exit(main())

@@ -1,0 +1,412 @@
+"""The worker agent: set up once, then lease, read, run, write, commit.
+
+Three threads keep the runner busy: the fetcher leases the next batch and
+reads its input while the runner works on the current one; the main thread
+feeds the runner; the committer writes parts and commits in the background.
+A fourth sends heartbeats, which renew leases, carry cancellations back, and
+ship the runners' logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from skybatch import defaults
+from skybatch.agent.process import Outcome, RunnerProcess
+from skybatch.config import Home
+from skybatch.errors import SkyBatchError
+from skybatch.io.base import (
+    BatchPlan,
+    InputReader,
+    OutputWriter,
+    reader_from_spec,
+    writer_from_spec,
+)
+
+__all__ = ["main"]
+
+
+class AgentExit(Exception):
+    """The agent should stop: its worker was stopped, or the server is gone for good."""
+
+
+def _say(message: str) -> None:
+    print(f"[agent {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class ServerLink:
+    """HTTP to the server that rides out its restarts (it may come back on a new port)."""
+
+    def __init__(self, url: str, token: str, home: Home | None) -> None:
+        self.token = token
+        self.home = home
+        self._lock = threading.Lock()
+        self._client = self._make(url)
+
+    def _make(self, url: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=httpx.Timeout(30.0, connect=5.0),
+        )
+
+    def _rediscover(self) -> None:
+        if self.home is None:
+            return
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            import json
+
+            url = json.loads(self.home.server_file.read_text())["url"]
+            with self._lock:
+                if str(self._client.base_url).rstrip("/") != url.rstrip("/"):
+                    self._client = self._make(url)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        down_since: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                response = self._client.request(method, path, **kwargs)
+            except httpx.TransportError:
+                response = None
+            if response is not None and response.status_code < 500:
+                if response.status_code == 401:
+                    raise AgentExit("the server refused this agent's token")
+                return response
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since > defaults.ORPHAN_TIMEOUT:
+                raise AgentExit(f"no server for {defaults.ORPHAN_TIMEOUT:.0f}s")
+            self._rediscover()
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+@dataclass
+class JobContext:
+    spec: dict[str, Any]
+    reader: InputReader
+    writers: list[OutputWriter]
+    init: dict[str, Any]
+
+
+@dataclass
+class Item:
+    """A leased batch on its way through the agent."""
+
+    attempt: int
+    job: int
+    plan: BatchPlan
+    payload: bytes | None = None
+    read_error: str | None = None
+    outcome: Outcome | None = None
+
+
+class Agent:
+    def __init__(self, link: ServerLink, worker_id: int, index: int, workdir: Path) -> None:
+        self.link = link
+        self.worker_id = worker_id
+        self.index = index
+        self.workdir = workdir
+        self.base = f"/v1/agent/workers/{worker_id}"
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.busy = False
+        self.waiting: Item | None = None  # fetched, not yet taken by the main thread
+        self.held: set[int] = set()
+        self.revoked: set[int] = set()
+        self.current: Item | None = None
+        self.jobs: dict[int, JobContext] = {}
+        self.runners: dict[int, RunnerProcess] = {}
+        self.log_sent: dict[int, int] = collections.defaultdict(int)
+        self.ready: queue.Queue[Item] = queue.Queue(maxsize=1)
+        self.done: queue.Queue[Item | None] = queue.Queue(maxsize=2)
+        self.failure: BaseException | None = None
+
+    # -- threads -------------------------------------------------------------------------
+
+    def _thread(self, target: Any, name: str) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as e:  # one thread's end ends the agent
+                self.failure = e
+                self.stop.set()
+
+        t = threading.Thread(target=guarded, name=name, daemon=True)
+        t.start()
+        return t
+
+    def run(self) -> None:
+        self._thread(self._fetch_loop, "fetch")
+        committer = self._thread(self._commit_loop, "commit")
+        self._thread(self._heartbeat_loop, "heartbeat")
+        try:
+            while not self.stop.is_set():
+                try:
+                    item = self.ready.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                with self.lock:
+                    self.current = item
+                    self.busy = True
+                try:
+                    item.outcome = self._process(item)
+                finally:
+                    with self.idle:
+                        self.current = None
+                        self.busy = False
+                        self.idle.notify_all()
+                self.done.put(item)
+        finally:
+            self.stop.set()
+            with contextlib.suppress(queue.Full):
+                self.done.put_nowait(None)
+            committer.join(timeout=5)
+            for r in list(self.runners.values()):
+                r.kill()
+            self._ship_logs()
+        if self.failure is not None and not isinstance(self.failure, AgentExit):
+            raise self.failure
+
+    def _job(self, job_id: int) -> JobContext:
+        ctx = self.jobs.get(job_id)
+        if ctx is None:
+            spec = self.link.call("GET", f"/v1/agent/jobs/{job_id}").json()
+            writers = [writer_from_spec(w) for w in spec["writers"]]
+            init = {**spec["mapper"], "writers": [w.runner_spec() for w in writers]}
+            ctx = JobContext(spec, reader_from_spec(spec["reader"]), writers, init)
+            self.jobs[job_id] = ctx
+        return ctx
+
+    def _fetch_loop(self) -> None:
+        while not self.stop.is_set():
+            with self.idle:
+                # Hold at most one batch beyond the one running.
+                while self.waiting is not None and not self.stop.is_set():
+                    self.idle.wait(0.5)
+                prefetch = self.busy
+            body = {"prefetch": prefetch, "wait": 0 if prefetch else defaults.LEASE_WAIT}
+            r = self.link.call(
+                "POST", f"{self.base}/lease", json=body, timeout=defaults.LEASE_WAIT + 10
+            )
+            if r.status_code == 409:
+                raise AgentExit(r.json()["error"]["message"])
+            lease = r.json()["lease"]
+            if lease is None:
+                if prefetch:
+                    with self.idle:
+                        if self.busy:
+                            self.idle.wait(1.0)
+                continue
+            item = Item(
+                attempt=lease["attempt"],
+                job=lease["job_id"],
+                plan=BatchPlan(
+                    lease["index"],
+                    lease["file"],
+                    lease["start"],
+                    lease["end"],
+                    lease["row_start"],
+                    lease["row_count"],
+                    lease["line"],
+                ),
+            )
+            with self.lock:
+                self.held.add(item.attempt)
+                self.waiting = item
+            try:
+                item.payload = self._job(item.job).reader.read(item.plan)
+            except SkyBatchError as e:
+                item.read_error = str(e)
+            self.ready.put(item)
+            with self.lock:
+                self.waiting = None
+
+    def _process(self, item: Item) -> Outcome:
+        if item.read_error is not None:
+            return Outcome(error=item.read_error)
+        job = self._job(item.job)
+        runner = self.runners.get(item.job)
+        if runner is None or not runner.alive():
+            if runner is not None:
+                runner.close(0)
+            log = self.workdir / ".skybatch" / "logs" / f"job-{item.job}.log"
+            runner = RunnerProcess(
+                item.job, job.init, job.spec.get("activate_env"), self.workdir, log
+            )
+            self.runners[item.job] = runner
+        assert item.payload is not None
+        if item.attempt in self.revoked:
+            return Outcome(error="revoked")
+        return runner.run(item.plan.index, item.plan.row_start, item.payload, len(job.writers))
+
+    def _commit_loop(self) -> None:
+        while True:
+            item = self.done.get()
+            if item is None:
+                return
+            try:
+                self._finish(item)
+            finally:
+                with self.lock:
+                    self.held.discard(item.attempt)
+
+    def _finish(self, item: Item) -> None:
+        outcome = item.outcome
+        assert outcome is not None
+        if item.attempt in self.revoked:
+            return  # cancelled or re-leased elsewhere: nothing of it may land
+        base = f"/v1/agent/attempts/{item.attempt}"
+        if outcome.ok:
+            job = self._job(item.job)
+            assert outcome.parts is not None
+            try:
+                for writer, data in zip(job.writers, outcome.parts):
+                    writer.write_part(item.job, item.plan.index, item.attempt, data)
+            except SkyBatchError as e:
+                outcome = Outcome(
+                    error=f"writing the batch's output failed: {e}", mapper_caused=False
+                )
+            else:
+                r = self.link.call("POST", f"{base}/commit")
+                if r.status_code == 409:
+                    for writer in job.writers:
+                        writer.discard_part(item.job, item.plan.index, item.attempt)
+                return
+        self._ship_logs()
+        self.link.call(
+            "POST",
+            f"{base}/fail",
+            json={
+                "kind": "mapper" if outcome.mapper_caused else "system",
+                "error": outcome.error or "unknown error",
+                "traceback": outcome.traceback,
+            },
+        )
+
+    def _heartbeat_loop(self) -> None:
+        interval = defaults.HEARTBEAT_INTERVAL
+        while not self.stop.wait(interval):
+            with self.lock:
+                held = sorted(self.held)
+            r = self.link.call("POST", f"{self.base}/heartbeat", json={"attempts": held})
+            if r.status_code == 409:
+                raise AgentExit(r.json()["error"]["message"])
+            reply = r.json()
+            with self.lock:
+                self.revoked.update(reply["revoked"])
+                current = self.current
+            if current is not None and current.attempt in self.revoked:
+                runner = self.runners.get(current.job)
+                if runner is not None:
+                    _say(
+                        f"batch {current.plan.index} of job {current.job} was revoked; "
+                        "stopping its runner"
+                    )
+                    runner.kill()
+            active = set(reply["active_jobs"])
+            for job_id in [j for j in self.runners if j not in active]:
+                if current is None or current.job != job_id:
+                    self.runners.pop(job_id).close()
+                    self.jobs.pop(job_id, None)
+            self._ship_logs()
+
+    def _ship_logs(self) -> None:
+        logs = self.workdir / ".skybatch" / "logs"
+        if not logs.exists():
+            return
+        for path in logs.glob("job-*.log"):
+            job_id = int(path.stem.split("-", 1)[1])
+            sent = self.log_sent[job_id]
+            try:
+                size = path.stat().st_size
+                if size <= sent:
+                    continue
+                with open(path, "rb") as f:
+                    f.seek(sent)
+                    data = f.read(size - sent)
+            except OSError:
+                continue
+            r = self.link.call("POST", f"/v1/agent/jobs/{job_id}/logs/{self.index}", content=data)
+            if r.status_code < 400:
+                self.log_sent[job_id] = sent + len(data)
+
+
+def run_setup(link: ServerLink, worker_id: int, info: dict[str, Any], workdir: Path) -> bool:
+    """Run the pool's setup once per worker; a marker with its hash skips it next time."""
+    marker = workdir / ".skybatch" / "setup.done"
+    setup = info.get("setup")
+    if not setup:
+        return True
+    if marker.exists() and marker.read_text() == info["setup_hash"]:
+        _say("setup already done for this setup text; skipping it")
+        return True
+    _say("running setup")
+    proc = subprocess.Popen(
+        ["bash", "-c", setup],
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        tail.append(raw.decode(errors="replace"))
+    code = proc.wait()
+    if code != 0:
+        link.call(
+            "POST",
+            f"/v1/agent/workers/{worker_id}/setup-failed",
+            json={"exit_code": code, "output": "".join(tail)},
+        )
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(info["setup_hash"])
+    _say("setup complete")
+    return True
+
+
+def main() -> int:
+    url = os.environ["SKYBATCH_SERVER_URL"]
+    token = os.environ["SKYBATCH_TOKEN"]
+    worker_id = int(os.environ["SKYBATCH_WORKER_ID"])
+    home = Home(Path(os.environ["SKYBATCH_HOME"])) if os.environ.get("SKYBATCH_HOME") else None
+    workdir = Path.cwd()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    link = ServerLink(url, token, home)
+    try:
+        r = link.call("POST", f"/v1/agent/workers/{worker_id}/register", json={"pid": os.getpid()})
+        if r.status_code >= 400:
+            _say(f"not registered: {r.text}")
+            return 0
+        info = r.json()
+        _say(f"worker {info['index']} of pool {info['pool']} registered")
+        if not run_setup(link, worker_id, info, workdir):
+            return 1
+        link.call("POST", f"/v1/agent/workers/{worker_id}/ready")
+        Agent(link, worker_id, info["index"], workdir).run()
+    except AgentExit as e:
+        _say(f"exiting: {e}")
+    return 0

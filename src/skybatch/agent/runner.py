@@ -1,0 +1,309 @@
+"""The runner: runs the user's mapper in the user's environment.
+
+Standard library only. The agent starts this file as a script under the job's
+``activate_env`` (a venv with vLLM, say) where skybatch itself may not be
+installed. It talks to the agent over two inherited pipes with framed messages;
+its own stdout and stderr are the job's log. A crash, hang or ``sys.exit`` in
+user code ends this process, never the agent.
+
+Frame: 8 bytes (header length, payload length, big-endian), a JSON header, a payload.
+
+agent -> runner: ``init`` (mapper source and output formats), ``batch`` (payload:
+the batch's raw input), end of file to stop.
+runner -> agent: ``ready``, ``result`` (payload: one part per writer,
+concatenated, sizes in the header), ``error`` (message and traceback).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import linecache
+import os
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+from typing import Any, BinaryIO
+
+_HEAD = struct.Struct(">II")
+
+
+def write_frame(stream: BinaryIO, header: dict[str, Any], payload: bytes = b"") -> None:
+    head = json.dumps(header).encode()
+    stream.write(_HEAD.pack(len(head), len(payload)) + head)
+    if payload:
+        stream.write(payload)
+    stream.flush()
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    data = stream.read(n)
+    if data is None or len(data) < n:
+        return None
+    return data
+
+
+def read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
+    """The next frame, or None at end of stream."""
+    raw = _read_exact(stream, _HEAD.size)
+    if raw is None:
+        return None
+    head_len, payload_len = _HEAD.unpack(raw)
+    head = _read_exact(stream, head_len)
+    if head is None:
+        return None
+    payload = _read_exact(stream, payload_len) if payload_len else b""
+    if payload is None:
+        return None
+    header: dict[str, Any] = json.loads(head)
+    return header, payload
+
+
+class MapperContractError(Exception):
+    """The mapper broke the load()/save_results() contract."""
+
+
+def _decode_jsonl(payload: bytes) -> list[dict[str, Any]]:
+    loads = json.loads
+    return [loads(line) for line in payload.split(b"\n") if line.strip()]
+
+
+class _Batch:
+    __slots__ = ("index", "row_start", "rows", "saved")
+
+    def __init__(self, index: int, row_start: int, rows: list[dict[str, Any]]) -> None:
+        self.index = index
+        self.row_start = row_start
+        self.rows = rows
+        self.saved = False
+
+    def label(self) -> str:
+        last = self.row_start + len(self.rows) - 1
+        return f"batch {self.index} (rows {self.row_start}-{last})"
+
+
+class Session:
+    """State shared by load() and save_results() within one runner."""
+
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, writers: list[dict[str, Any]]) -> None:
+        self.rfile = rfile
+        self.wfile = wfile
+        self.writers = writers
+        self.current: _Batch | None = None
+        self.pending: tuple[dict[str, Any], bytes] | None = None
+        self.eof = False
+        self.loaded_any = False
+
+    def next_message(self) -> tuple[dict[str, Any], bytes] | None:
+        if self.pending is not None:
+            msg, self.pending = self.pending, None
+            return msg
+        return read_frame(self.rfile)
+
+    # -- the mapper's API ------------------------------------------------------------
+
+    def load(self) -> Any:
+        while True:
+            cur = self.current
+            if cur is not None and not cur.saved:
+                raise MapperContractError(
+                    f"{cur.label()}: load() was asked for the next batch before "
+                    "save_results() was called for this one; call skybatch.save_results(results) "
+                    "once per batch"
+                )
+            msg = self.next_message()
+            if msg is None:
+                self.eof = True
+                return
+            header, payload = msg
+            rows = _decode_jsonl(payload)
+            self.current = _Batch(header["index"], header["row_start"], rows)
+            self.loaded_any = True
+            yield rows
+
+    def save_results(self, results: Any) -> None:
+        cur = self.current
+        if cur is None:
+            raise MapperContractError(
+                "save_results() was called before load() gave a batch; "
+                "call it inside `for batch in skybatch.load():`"
+            )
+        if cur.saved:
+            raise MapperContractError(
+                f"{cur.label()}: save_results() was called twice; call it once per batch "
+                "with one result per input row"
+            )
+        if not isinstance(results, (list, tuple)):
+            raise MapperContractError(
+                f"{cur.label()}: save_results() needs a list of dicts, got {type(results).__name__}"
+            )
+        if len(results) != len(cur.rows):
+            raise MapperContractError(
+                f"{cur.label()}: save_results() got {len(results)} results for "
+                f"{len(cur.rows)} input rows; return exactly one dict per input row, in order"
+            )
+        parts = [self._format(cur, results, w) for w in self.writers]
+        cur.saved = True
+        write_frame(
+            self.wfile,
+            {"type": "result", "index": cur.index, "sizes": [len(p) for p in parts]},
+            b"".join(parts),
+        )
+
+    # -- formatting ------------------------------------------------------------------
+
+    def _format(self, cur: _Batch, results: Any, writer: dict[str, Any]) -> bytes:
+        columns = writer.get("columns")
+        dumps = json.dumps
+        lines = []
+        for i, row in enumerate(results):
+            if not isinstance(row, dict):
+                raise MapperContractError(
+                    f"{cur.label()}: result {i} is a {type(row).__name__}; "
+                    "each result must be a dict of column to value"
+                )
+            if columns is not None:
+                try:
+                    row = {c: row[c] for c in columns}
+                except KeyError as e:
+                    raise MapperContractError(
+                        f"{cur.label()}: result {i} has no column {e.args[0]!r}, which an output "
+                        f"selects (column={columns!r}); the result has {sorted(row)!r}"
+                    ) from None
+            try:
+                lines.append(dumps(row, ensure_ascii=False))
+            except (TypeError, ValueError):
+                raise MapperContractError(self._unserializable(cur, i, row)) from None
+        if not lines:
+            return b""
+        return ("\n".join(lines) + "\n").encode()
+
+    @staticmethod
+    def _unserializable(cur: _Batch, i: int, row: dict[str, Any]) -> str:
+        for key, value in row.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                return (
+                    f"{cur.label()}: result {i} (input row {cur.row_start + i}), key {key!r}: "
+                    f"a {type(value).__module__}.{type(value).__qualname__} cannot be written "
+                    "as JSON; convert it to str, int, float, bool, None, or a list or dict of those"
+                )
+        return f"{cur.label()}: result {i} cannot be written as JSON"
+
+
+def _user_traceback(exc: BaseException, mapper_file: str) -> str:
+    """The traceback from the mapper's frame on: the runner's own frames say nothing."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != mapper_file:
+        tb = tb.tb_next
+    if isinstance(exc, MapperContractError):
+        return f"skybatch: {exc}\n"
+    return "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+
+
+def _watch_parent() -> None:
+    """Exit when the agent dies, even in the middle of a long batch."""
+    parent = os.getppid()
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(70)
+
+
+def _compile_mapper(init: dict[str, Any], session: Session) -> tuple[Any, str]:
+    filename = init["filename"]
+    source = init["source"]
+    lines = source.splitlines(keepends=True)
+    # Tracebacks show the user's lines even where the user's file does not exist.
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    shim = types.ModuleType("skybatch")
+    shim.load = session.load  # type: ignore[attr-defined]
+    shim.save_results = session.save_results  # type: ignore[attr-defined]
+    shim.worker_index = int(os.environ.get("SKYBATCH_WORKER_INDEX", "0"))  # type: ignore[attr-defined]
+    sys.modules["skybatch"] = shim
+    namespace: dict[str, Any] = {"__name__": "__skybatch_mapper__", "__builtins__": builtins}
+    for name, target in init.get("aliases", {}).items():
+        namespace[name] = shim if target == "module" else getattr(shim, target)
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[init["name"]], filename
+
+
+def main() -> int:
+    rfd, wfd = (int(x) for x in os.environ["SKYBATCH_RUNNER_FDS"].split(","))
+    rfile = os.fdopen(rfd, "rb")
+    wfile = os.fdopen(wfd, "wb")
+    # The runner lives in skybatch/agent/; the user's modules live in the worker dir.
+    sys.path[0] = os.getcwd()
+    threading.Thread(target=_watch_parent, daemon=True).start()
+    first = read_frame(rfile)
+    if first is None:
+        return 0
+    init = first[0]
+    session = Session(rfile, wfile, init["writers"])
+    try:
+        fn, filename = _compile_mapper(init, session)
+    except BaseException as e:
+        write_frame(
+            wfile, {"type": "init_error", "error": repr(e), "traceback": traceback.format_exc()}
+        )
+        return 1
+    write_frame(wfile, {"type": "ready", "python": sys.version.split()[0], "pid": os.getpid()})
+
+    while not session.eof:
+        session.current = None
+        session.loaded_any = False
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            error = e
+        sys.stdout.flush()
+        sys.stderr.flush()
+        cur = session.current
+        if error is None and cur is not None and not cur.saved:
+            error = MapperContractError(
+                f"{cur.label()}: the mapper returned without calling save_results() for it"
+            )
+        if error is None and not session.eof and not session.loaded_any:
+            # A mapper that never calls load() would otherwise spin forever.
+            msg = session.next_message()
+            if msg is None:
+                break
+            session.current = _Batch(msg[0]["index"], msg[0]["row_start"], [])
+            error = MapperContractError(
+                "the mapper returned without calling skybatch.load(); "
+                "iterate `for batch in skybatch.load():` inside it"
+            )
+        if error is not None:
+            cur = session.current
+            if cur is None or cur.saved:
+                # Failed before taking a batch (e.g. loading the model): charge the next one.
+                msg = session.next_message()
+                if msg is None:
+                    traceback.print_exception(type(error), error, error.__traceback__)
+                    return 1
+                cur = _Batch(msg[0]["index"], msg[0]["row_start"], [])
+            tb = _user_traceback(error, filename)
+            sys.stderr.write(tb)
+            sys.stderr.flush()
+            write_frame(
+                wfile,
+                {
+                    "type": "error",
+                    "index": cur.index,
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": tb,
+                },
+            )
+            session.current = None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""``skybatch``: pools, jobs and the server from the shell.
+
+Exit codes: 0 on success; 1 with a one-line error (``Error: ...``) when
+skybatch refuses or fails; 2 for a malformed command line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from skybatch.errors import SkyBatchError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SkyBatchError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+
+
+@click.group()
+@click.version_option(package_name="skybatch")
+def main() -> None:
+    """Run one Python function over a large dataset on a pool of workers."""
+
+
+# -- pools -------------------------------------------------------------------------------
+
+
+@main.group()
+def pool() -> None:
+    """Create, inspect and tear down worker pools."""
+
+
+@pool.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--pool", "name", required=True, help="Pool name.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_errors
+def pool_apply_cmd(file: str, name: str, yes: bool) -> None:
+    """Create the pool described by FILE, or update (resize, restart) an existing one."""
+    from skybatch.client.admin import pool_apply
+    from skybatch.pools.spec import load_pool_file
+
+    spec = load_pool_file(file)  # validate before asking anything
+    if not yes:
+        click.confirm(
+            f"Apply pool {name!r}: {spec.workers} worker(s) on {spec.provider}?",
+            default=True,
+            abort=True,
+        )
+    click.echo(f"Applying pool {name!r} ({spec.workers} workers); waiting for setup...")
+    view = pool_apply(file, name)
+    click.echo(f"Pool {name!r} is {view.status}: {view.ready}/{view.workers} workers ready.")
+
+
+@pool.command("status")
+@click.argument("name", required=False)
+@_errors
+def pool_status_cmd(name: str | None) -> None:
+    """Show pools and their workers."""
+    from skybatch.client.admin import pool_status
+
+    pools = pool_status(name)
+    if not pools:
+        click.echo("No pools. Create one with `skybatch pool apply pool.yaml --pool NAME`.")
+        return
+    rows = []
+    for p in pools:
+        res = ", ".join(f"{k}={v}" for k, v in p.resources.items()) or "-"
+        jobs = ",".join(str(j) for j in p.active_jobs) or "-"
+        rows.append([p.name, p.status, f"{p.ready}/{p.workers}", p.provider, res, jobs])
+    click.echo(_table(["POOL", "STATUS", "READY", "PROVIDER", "RESOURCES", "JOBS"], rows))
+    if name is not None:
+        p = pools[0]
+        click.echo("")
+        click.echo(
+            _table(
+                ["WORKER", "STATUS", "PID"],
+                [[w.index, w.status, w.pid or "-"] for w in p.worker_list],
+            )
+        )
+        if p.error:
+            click.echo(f"\nError: {p.error}")
+
+
+@pool.command("down")
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_errors
+def pool_down_cmd(name: str, yes: bool) -> None:
+    """Stop the pool's workers (cancelling its running jobs) and remove it."""
+    from skybatch.client.admin import pool_down
+
+    if not yes:
+        click.confirm(f"Tear down pool {name!r}?", default=False, abort=True)
+    pool_down(name)
+    click.echo(f"Pool {name!r} is down.")
+
+
+# -- jobs --------------------------------------------------------------------------------
+
+
+@main.group()
+def jobs() -> None:
+    """List, cancel and read the logs of jobs."""
+
+
+@jobs.command("queue")
+@_errors
+def jobs_queue_cmd() -> None:
+    """Show every job: status, progress in batches and rows, timing."""
+    from skybatch.client.admin import jobs_queue
+
+    views = jobs_queue()
+    if not views:
+        click.echo("No jobs.")
+        return
+    now = time.time()
+    rows = []
+    for j in views:
+        total_b = f"{j.total_batches}" + ("" if j.indexed else "+")
+        total_r = f"{j.total_rows}" + ("" if j.indexed else "+")
+        end = j.finished_at or now
+        rows.append(
+            [
+                j.id,
+                j.name,
+                j.pool,
+                j.status,
+                f"{j.committed_batches}/{total_b}",
+                f"{j.committed_rows}/{total_r}",
+                datetime.fromtimestamp(j.submitted_at).strftime("%Y-%m-%d %H:%M:%S"),
+                _duration(end - j.submitted_at),
+            ]
+        )
+    click.echo(
+        _table(["ID", "NAME", "POOL", "STATUS", "BATCHES", "ROWS", "SUBMITTED", "DURATION"], rows)
+    )
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@_errors
+def jobs_cancel_cmd(job_id: str) -> None:
+    """Stop a job's batches; the pool keeps running."""
+    from skybatch.client.admin import cancel
+
+    cancel(job_id)
+    click.echo(f"Job {job_id} cancelled.")
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("--worker", type=int, default=None, help="Only this worker's output.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@_errors
+def jobs_logs_cmd(job_id: str, worker: int | None, follow: bool) -> None:
+    """Print the mapper's stdout and stderr (all workers unless --worker)."""
+    from skybatch.client.api import Client
+
+    client = Client.connect()
+    offset = 0
+    out = sys.stdout.buffer
+    while True:
+        data, offset, status = client.logs(job_id, worker, offset, wait=10 if follow else 0)
+        out.write(data)
+        out.flush()
+        if not follow or (status in ("SUCCEEDED", "FAILED", "CANCELLED") and not data):
+            return
+
+
+# -- server ------------------------------------------------------------------------------
+
+
+@main.group()
+def server() -> None:
+    """Start, stop and inspect this deployment's server (SKYBATCH_HOME)."""
+
+
+@server.command("start")
+@_errors
+def server_start_cmd() -> None:
+    """Start the server if it is not running."""
+    from skybatch.server.daemon import ensure_server
+
+    info = ensure_server()
+    click.echo(f"Server running at {info.url} (pid {info.pid}).")
+
+
+@server.command("stop")
+@_errors
+def server_stop_cmd() -> None:
+    """Stop the server and its pools' workers (they come back at the next start)."""
+    from skybatch.server.daemon import stop_server
+
+    if stop_server():
+        click.echo("Server stopped.")
+    else:
+        click.echo("Server was not running.")
+
+
+@server.command("status")
+@_errors
+def server_status_cmd() -> None:
+    """Say whether the server runs, where, and for which SKYBATCH_HOME."""
+    from skybatch.config import home
+    from skybatch.server.daemon import running_server
+
+    h = home()
+    info = running_server(h)
+    if info is None:
+        click.echo(f"Server not running (home {h.root}).")
+        sys.exit(1)
+    click.echo(f"Server running at {info.url} (pid {info.pid}, home {h.root}).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The user's side: datasets, mappers, jobs and the HTTP client."""

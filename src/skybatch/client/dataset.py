@@ -1,0 +1,176 @@
+"""``Dataset.map`` and the ``Job`` handle it returns."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from skybatch import defaults
+from skybatch.client.api import Client, ServerUnreachable
+from skybatch.client.progress import JobProgress
+from skybatch.client.remote import RemoteFunction, remote_function
+from skybatch.errors import ConfigError, JobCancelledError, JobFailedError
+from skybatch.io.base import InputReader, OutputWriter
+from skybatch.server.models import JobView
+from skybatch.states import JobStatus
+
+__all__ = ["Dataset", "Job"]
+
+#: How long a client rides out a server that went away before giving up.
+RECONNECT_WINDOW = 120.0
+
+
+class Job:
+    """A submitted job. ``wait()`` blocks until it ends; ``status()`` and ``cancel()`` do not."""
+
+    def __init__(self, job_id: str | int, client: Client | None = None) -> None:
+        self.job_id = str(job_id)
+        self._client = client
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client.connect()
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r})"
+
+    def info(self) -> JobView:
+        return JobView.model_validate(self.client.get_job(self.job_id))
+
+    def status(self) -> JobStatus:
+        return JobStatus(self.info().status)
+
+    def cancel(self) -> None:
+        self.client.cancel(self.job_id)
+
+    def logs(self, worker: int | None = None) -> str:
+        data, _, _ = self.client.logs(self.job_id, worker, 0)
+        return data.decode(errors="replace")
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> Job:
+        """Block until the job ends; raise if it failed or was cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        view: dict[str, Any] | None = None
+        try:
+            while True:
+                version = view["version"] if view else -1
+                poll = 30.0
+                if deadline is not None:
+                    poll = max(0.0, min(poll, deadline - time.monotonic()))
+                try:
+                    view = self.client.get_job(self.job_id, version=version, wait=poll)
+                except ServerUnreachable:
+                    # The server may be restarting: ride it out.
+                    self.client.reconnect(time.monotonic() + RECONNECT_WINDOW)
+                    continue
+                if progress:
+                    if bar is None:
+                        bar = JobProgress(self.job_id, view["name"])
+                    bar.update(view)
+                if JobStatus(view["status"]).finished:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.job_id} is still {view['status']}")
+        finally:
+            if bar is not None:
+                bar.close()
+        status = JobStatus(view["status"])
+        if status is JobStatus.FAILED:
+            raise JobFailedError(view["error"] or f"job {self.job_id} failed", self.job_id)
+        if status is JobStatus.CANCELLED:
+            raise JobCancelledError(
+                f"job {self.job_id} was cancelled ({view['error'] or 'cancelled'}); "
+                f"{view['committed_rows']} of {view['total_rows']} rows committed",
+                self.job_id,
+            )
+        return self
+
+
+def _writers(output: OutputWriter | Sequence[OutputWriter]) -> list[OutputWriter]:
+    writers = [output] if isinstance(output, OutputWriter) else list(output)
+    if not writers or not all(isinstance(w, OutputWriter) for w in writers):
+        raise ConfigError(
+            "output must be a writer such as skybatch.JsonWriter('out.jsonl') or a "
+            f"non-empty list of writers, got {output!r}"
+        )
+    return writers
+
+
+class Dataset:
+    """A dataset to map a function over, read by an :class:`InputReader`."""
+
+    def __init__(self, reader: InputReader) -> None:
+        if not isinstance(reader, InputReader):
+            raise ConfigError(
+                f"Dataset needs a reader such as skybatch.JsonReader('data.jsonl'), got {reader!r}"
+            )
+        self.reader = reader
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.reader!r})"
+
+    def map(
+        self,
+        mapper_fn: RemoteFunction | Any,
+        pool_name: str,
+        batch_size: int,
+        output: OutputWriter | Sequence[OutputWriter],
+        activate_env: str | None = None,
+        stream: bool = True,
+        *,
+        overwrite: bool = False,
+        max_retries: int = defaults.MAX_RETRIES,
+        retry_backoff: float = defaults.RETRY_BACKOFF,
+        name: str | None = None,
+    ) -> Job:
+        """Run ``mapper_fn`` over the dataset on pool ``pool_name``, ``batch_size`` rows at a time.
+
+        With ``stream=True`` (the default) block with a progress bar until the job
+        ends and raise :class:`JobFailedError` if it fails; with ``stream=False``
+        return at once. Either way return the :class:`Job`.
+        """
+        if not isinstance(mapper_fn, RemoteFunction):
+            mapper_fn = remote_function(mapper_fn)
+        if not isinstance(pool_name, str) or not pool_name:
+            raise ConfigError(f"pool_name must be a pool's name, got {pool_name!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(f"max_retries must be an integer of at least 0, got {max_retries!r}")
+        if retry_backoff < 0:
+            raise ConfigError(f"retry_backoff must be at least 0 seconds, got {retry_backoff!r}")
+        if activate_env is not None and not isinstance(activate_env, str):
+            raise ConfigError(f"activate_env must be a shell command, got {activate_env!r}")
+        writers = _writers(output)
+        client = Client.connect()
+        view = client.submit(
+            {
+                "name": name or mapper_fn.name,
+                "pool": pool_name,
+                "reader": self.reader.to_spec(),
+                "writers": [w.to_spec() for w in writers],
+                "mapper": mapper_fn.to_spec(),
+                "batch_size": batch_size,
+                "activate_env": activate_env,
+                "overwrite": overwrite,
+                "max_retries": max_retries,
+                "retry_backoff": retry_backoff,
+            }
+        )
+        job = Job(view["id"], client)
+        if stream:
+            try:
+                job.wait(progress=True)
+            except KeyboardInterrupt:
+                print(
+                    f"\njob {job.job_id} keeps running on the pool; follow it with "
+                    f"`skybatch jobs queue`, stop it with `skybatch jobs cancel {job.job_id}`",
+                    file=sys.stderr,
+                )
+                raise
+        return job

@@ -1,0 +1,138 @@
+"""The one exception tree of skybatch.
+
+Every error a user can cause or see is a :class:`SkyBatchError`; lower libraries'
+errors (fsspec, sqlite3, httpx, pydantic, yaml) are translated where they enter.
+Each message is one line that says what is wrong and how to fix it, except
+:class:`JobFailedError`, whose message carries the mapper's tracebacks.
+
+::
+
+    SkyBatchError
+    ├── ConfigError            bad arguments to the API or the CLI
+    │   └── PoolSpecError      pool YAML that does not validate
+    ├── MapperError            a @remote_function that cannot be shipped
+    ├── InputError             input missing, unreadable or malformed
+    ├── OutputError            output exists, is not writable, or failed to publish
+    ├── NotFoundError          no such pool, job or worker
+    ├── ConflictError          the request clashes with current state
+    ├── PoolError              a pool could not be brought up (setup failed)
+    ├── ServerError            the server could not be started or reached
+    │   └── AuthError          the token was refused
+    └── JobError               a job did not succeed
+        ├── JobFailedError     ... because its batches failed
+        └── JobCancelledError  ... because it was cancelled
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConflictError",
+    "InputError",
+    "JobCancelledError",
+    "JobError",
+    "JobFailedError",
+    "MapperError",
+    "NotFoundError",
+    "OutputError",
+    "PoolError",
+    "PoolSpecError",
+    "ServerError",
+    "SkyBatchError",
+    "error_from_payload",
+]
+
+
+class SkyBatchError(Exception):
+    """Root of every skybatch error."""
+
+    #: HTTP status the server answers with when this error ends a request.
+    http_status = 400
+
+
+class ConfigError(SkyBatchError):
+    """An argument to the API or the CLI is invalid."""
+
+
+class PoolSpecError(ConfigError):
+    """A pool YAML file does not validate."""
+
+
+class MapperError(SkyBatchError):
+    """A mapper function cannot be shipped to workers."""
+
+
+class InputError(SkyBatchError):
+    """The input is missing, unreadable or malformed."""
+
+
+class OutputError(SkyBatchError):
+    """The output cannot be written or published."""
+
+
+class NotFoundError(SkyBatchError):
+    """No such pool, job or worker."""
+
+    http_status = 404
+
+
+class ConflictError(SkyBatchError):
+    """The request clashes with the current state (e.g. a stale lease)."""
+
+    http_status = 409
+
+
+class PoolError(SkyBatchError):
+    """A pool could not be brought up."""
+
+
+class ServerError(SkyBatchError):
+    """The server could not be started, reached, or failed internally."""
+
+    http_status = 500
+
+
+class AuthError(ServerError):
+    """The server refused the token."""
+
+    http_status = 401
+
+
+class JobError(SkyBatchError):
+    """A job did not succeed."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobFailedError(JobError):
+    """A job failed: a batch exhausted its retries, or the input was malformed."""
+
+
+class JobCancelledError(JobError):
+    """A job was cancelled."""
+
+
+_BY_NAME: dict[str, type[SkyBatchError]] = {
+    cls.__name__: cls
+    for cls in (
+        SkyBatchError,
+        ConfigError,
+        PoolSpecError,
+        MapperError,
+        InputError,
+        OutputError,
+        NotFoundError,
+        ConflictError,
+        PoolError,
+        ServerError,
+        AuthError,
+    )
+}
+
+
+def error_from_payload(kind: str, message: str) -> SkyBatchError:
+    """Rebuild the error the server raised from its JSON error body."""
+    return _BY_NAME.get(kind, ServerError)(message)

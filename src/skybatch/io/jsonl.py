@@ -1,0 +1,202 @@
+"""JSON Lines: :class:`JsonReader` and :class:`JsonWriter`."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+
+from skybatch import defaults
+from skybatch.errors import InputError, OutputError
+from skybatch.io import storage
+from skybatch.io.base import BatchPlan, InputReader, OutputWriter, Part
+
+__all__ = ["JsonReader", "JsonWriter", "normalize_columns"]
+
+
+def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
+    if column is None:
+        return None
+    if isinstance(column, str):
+        return [column]
+    columns = list(column)
+    if not columns or not all(isinstance(c, str) and c for c in columns):
+        raise ValueError("column must be a column name or a non-empty list of names")
+    return columns
+
+
+class JsonReader(InputReader):
+    """Reads a JSONL file: one JSON object per line, each line one row.
+
+    Blank lines are not rows. Batches are byte ranges found by one streaming
+    pass on the server; each worker reads only its batches' ranges.
+    """
+
+    kind = "jsonl"
+
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
+        if not isinstance(path, str) or not path:
+            raise TypeError("JsonReader(path): path must be a non-empty string")
+        self.path = storage.resolve(path)
+        self.storage_options = storage_options
+
+    def __repr__(self) -> str:
+        return f"JsonReader({self.path!r})"
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "storage_options": self.storage_options}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> JsonReader:
+        return cls(spec["path"], spec.get("storage_options"))
+
+    def describe(self) -> str:
+        return self.path
+
+    def files(self) -> list[str]:
+        return [self.path]
+
+    def validate(self) -> None:
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        with storage.translate_errors(self.path, "read input", InputError):
+            info = fs.info(path)
+        if info.get("type") == "directory":
+            raise InputError(
+                f"cannot read input {self.path}: it is a directory; name a .jsonl file"
+            )
+
+    def plan(self, batch_size: int) -> Iterator[BatchPlan]:
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        index = 0
+        row = 0
+        line_no = 0
+        pos = 0  # byte offset of the current line's start
+        batch_start = batch_line = 0
+        in_batch = 0  # rows in the batch being built
+        last_end = 0
+        carry = b""
+        with (
+            storage.translate_errors(self.path, "read input", InputError),
+            fs.open(path, "rb") as f,
+        ):
+            while True:
+                chunk = f.read(defaults.INDEX_CHUNK)
+                eof = not chunk
+                if eof:
+                    if not carry:
+                        break
+                    lines = [carry]
+                    carry = b""
+                else:
+                    lines = (carry + chunk).split(b"\n")
+                    carry = lines.pop()
+                for line in lines:
+                    line_no += 1
+                    size = len(line) + (0 if eof else 1)
+                    if line.strip():
+                        self._check(line, line_no)
+                        if in_batch == 0:
+                            batch_start, batch_line = pos, line_no
+                        in_batch += 1
+                        if in_batch == batch_size:
+                            yield BatchPlan(
+                                index, 0, batch_start, pos + size, row, in_batch, batch_line
+                            )
+                            index += 1
+                            row += in_batch
+                            in_batch = 0
+                    pos += size
+                    last_end = pos
+                if eof:
+                    break
+        if in_batch:
+            yield BatchPlan(index, 0, batch_start, last_end, row, in_batch, batch_line)
+
+    def _check(self, line: bytes, line_no: int) -> None:
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise InputError(
+                f"{self.path} line {line_no}: not valid JSON ({e}); fix or remove the line"
+            ) from None
+        if not isinstance(value, dict):
+            raise InputError(
+                f"{self.path} line {line_no}: expected a JSON object such as "
+                f'{{"text": "..."}}, got {type(value).__name__}; each line must be one object'
+            )
+
+    def read(self, batch: BatchPlan) -> bytes:
+        return storage.read_range(self.path, batch.start, batch.end, self.storage_options)
+
+
+class JsonWriter(OutputWriter):
+    """Writes results as one JSONL file, one line per input row, in input order.
+
+    ``column`` selects the keys to keep (a name or a list of names), like SQL SELECT.
+    """
+
+    kind = "jsonl"
+    part_format = "jsonl"
+
+    def __init__(
+        self,
+        path: str,
+        column: str | Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise TypeError("JsonWriter(path): path must be a non-empty string")
+        self.path = storage.resolve(path)
+        self.columns = normalize_columns(column)
+        self.storage_options = storage_options
+
+    def __repr__(self) -> str:
+        col = f", column={self.columns!r}" if self.columns else ""
+        return f"JsonWriter({self.path!r}{col})"
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "column": self.columns,
+            "storage_options": self.storage_options,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> JsonWriter:
+        return cls(spec["path"], spec.get("column"), spec.get("storage_options"))
+
+    def prepare(self, job_id: int, overwrite: bool) -> None:
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        with storage.translate_errors(self.path, "check output", OutputError):
+            if fs.isdir(path):
+                raise OutputError(
+                    f"output {self.path} is a directory; name a file such as out.jsonl"
+                )
+            if not overwrite and fs.exists(path):
+                raise OutputError(
+                    f"output {self.path} already exists; pass overwrite=True to ds.map() "
+                    "to replace it, or choose another path"
+                )
+        storage.check_writable(self.path, self.storage_options)
+        storage.makedirs(self.staging_dir(job_id), self.storage_options)
+
+    def stage(self, job_id: int, parts: Sequence[Part]) -> storage.StagedFile:
+        staged = storage.StagedFile(self.path, self.storage_options)
+        fs, _ = storage.filesystem(self.path, self.storage_options)
+        try:
+            with staged.open() as out:
+                for part in parts:
+                    url = self.part_path(job_id, part.batch, part.attempt)
+                    part_path = storage.filesystem(url, self.storage_options)[1]
+                    with (
+                        storage.translate_errors(url, "read part", OutputError),
+                        fs.open(part_path, "rb") as src,
+                    ):
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+        except BaseException:
+            staged.discard()
+            raise
+        return staged

@@ -1,0 +1,50 @@
+"""The provider interface: where a pool's workers run.
+
+A provider starts one agent per worker and can tell whether it still lives.
+The server never knows which provider it talks to; ``local`` is the default,
+and Ray or SSH providers implement the same four methods.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from skybatch.config import Home
+from skybatch.pools.spec import PoolSpec
+
+__all__ = ["Provider", "WorkerLaunch"]
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """Everything a provider needs to start one worker's agent."""
+
+    worker_id: int
+    pool: str
+    index: int
+    spec: PoolSpec
+    server_url: str
+    token: str
+    home: Home
+
+
+class Provider(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
+        """Start the worker's agent; return a JSON handle to find it again (even after a restart)."""
+
+    @abc.abstractmethod
+    def is_alive(self, handle: dict[str, Any]) -> bool:
+        """Whether the agent behind ``handle`` still runs. Cheap: called twice a second."""
+
+    @abc.abstractmethod
+    def terminate(self, handle: dict[str, Any], grace: float) -> None:
+        """Stop the agent and its runners: politely, then by force after ``grace`` seconds."""
+
+    @abc.abstractmethod
+    def remove(self, pool: str, home: Home) -> None:
+        """Delete what the pool left behind (worker directories) after it went down."""

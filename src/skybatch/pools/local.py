@@ -1,0 +1,108 @@
+"""The local provider: one agent process per worker on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from skybatch.config import Home
+from skybatch.pools.base import Provider, WorkerLaunch
+
+__all__ = ["LocalProvider"]
+
+
+class LocalProvider(Provider):
+    """Workers are agent processes, each in its own session and working directory."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        # Children of this server are reaped through their Popen; agents that
+        # outlived a previous server are found again by pid and start time.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
+        workdir = worker.home.worker_dir(worker.pool, worker.index)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if worker.spec.workdir:
+            shutil.copytree(worker.spec.workdir, workdir, dirs_exist_ok=True, symlinks=True)
+        log = worker.home.worker_log(worker.pool, worker.index)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(worker.spec.envs)
+        env.update(
+            SKYBATCH_HOME=str(worker.home.root),
+            SKYBATCH_SERVER_URL=worker.server_url,
+            SKYBATCH_TOKEN=worker.token,
+            SKYBATCH_WORKER_ID=str(worker.worker_id),
+            SKYBATCH_WORKER_INDEX=str(worker.index),
+            PYTHONUNBUFFERED="1",
+        )
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "skybatch.agent"],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        with self._lock:
+            self._children[proc.pid] = proc
+        try:
+            created = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            created = 0.0
+        return {"pid": proc.pid, "create_time": created, "dir": str(workdir)}
+
+    def is_alive(self, handle: dict[str, Any]) -> bool:
+        pid = handle.get("pid")
+        if not pid:
+            return False
+        with self._lock:
+            child = self._children.get(pid)
+        if child is not None:
+            if child.poll() is None:
+                return True
+            with self._lock:
+                self._children.pop(pid, None)
+            return False
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - handle.get("create_time", 0)) > 1:
+                return False  # the pid was reused by another process
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def terminate(self, handle: dict[str, Any], grace: float) -> None:
+        pid = handle.get("pid")
+        if not pid or not self.is_alive(handle):
+            return
+        # The agent leads its own session: the signal reaches its runners too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.is_alive(handle):
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with self._lock:
+            child = self._children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+
+    def remove(self, pool: str, home: Home) -> None:
+        shutil.rmtree(home.pool_dir(pool), ignore_errors=True)

@@ -1,0 +1,222 @@
+"""The pool YAML: what each worker needs, validated with pydantic.
+
+::
+
+    pool:
+      workers: 2            # how many workers
+    resources:
+      cpus: 1+              # per worker: "2" exactly, "2+" at least
+      memory: 8+            # GB per worker, same forms
+      accelerators: L4:1    # GPU type and count per worker
+    setup: pip install vllm # runs once per worker, cached by its text
+    envs: {HF_HOME: /data}  # environment of setup and mapper
+    workdir: ./src          # copied to each worker; the mapper can import from it
+    provider: local         # where workers run (local is the default)
+
+Errors name the file, the line, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from skybatch.errors import PoolSpecError
+
+__all__ = ["PoolSpec", "load_pool_file", "parse_pool_spec"]
+
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(\+?)\s*$")
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:GB|gb|G|g)?\s*(\+?)\s*$")
+_ACCEL = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_-]*)\s*(?::\s*(\d+))?\s*$")
+
+
+def _amount(value: Any, pattern: re.Pattern[str], example: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected {example}, got {value!r}")
+    m = pattern.match(str(value))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected {example}, got {value!r}")
+    number = m.group(1)
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number + m.group(2)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolSection(_Strict):
+    workers: int = Field(ge=1, le=4096, description="number of workers")
+
+
+class Resources(_Strict):
+    cpus: str | None = None
+    memory: str | None = None
+    accelerators: str | None = None
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> str | None:
+        return _amount(v, _AMOUNT, "a CPU count such as 2 (exactly) or 2+ (at least)")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> str | None:
+        return _amount(v, _MEMORY, "memory in GB such as 16 (exactly) or 16+ (at least)")
+
+    @field_validator("accelerators", mode="before")
+    @classmethod
+    def _accelerators(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        if isinstance(v, dict) and len(v) == 1:
+            ((name, count),) = v.items()
+            v = f"{name}:{count}"
+        m = _ACCEL.match(str(v)) if isinstance(v, (str, dict)) else None
+        if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise ValueError(f"expected a GPU type and count such as L4:1 or A100:8, got {v!r}")
+        return f"{m.group(1)}:{m.group(2) or 1}"
+
+    def accelerator_count(self) -> int:
+        return int(self.accelerators.split(":")[1]) if self.accelerators else 0
+
+
+class PoolSpec(_Strict):
+    """A validated pool description."""
+
+    pool: PoolSection
+    resources: Resources = Resources()
+    setup: str | None = None
+    envs: dict[str, str] = {}
+    workdir: str | None = None
+    provider: Literal["local"] = "local"
+
+    @field_validator("envs", mode="before")
+    @classmethod
+    def _envs(cls, v: Any) -> dict[str, str]:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping of variable name to value")
+        out = {}
+        for key, value in v.items():
+            if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"value of {key} must be a string or number")
+            out[key] = "" if value is None else str(value)
+        return out
+
+    @property
+    def workers(self) -> int:
+        return self.pool.workers
+
+    def setup_hash(self) -> str:
+        """Identifies the setup a worker ran: same text and envs, no re-run."""
+        text = (self.setup or "") + "\0" + repr(sorted(self.envs.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def runtime_key(self) -> dict[str, Any]:
+        """Everything but the worker count: if it changes, workers restart."""
+        return self.model_dump(exclude={"pool"})
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at ``loc`` (or of its nearest parent)."""
+    node, line = root, None
+    for key in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == str(key):
+                line = k.start_mark.line + 1
+                node = v
+                break
+        else:
+            break
+    if line is None and root is not None:
+        line = root.start_mark.line + 1
+    return line
+
+
+def _allowed(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = PoolSpec
+    for key in loc[:-1]:
+        field = model.model_fields.get(str(key)) if hasattr(model, "model_fields") else None
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format(e: ValidationError, source: str, root: yaml.Node | None) -> str:
+    messages = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc)
+        where = f"{source} line {line}" if line else source
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed(loc))
+            messages.append(f"{where}: unknown field '{field}'; allowed here: {allowed}")
+        elif err["type"] == "missing":
+            messages.append(f"{where}: missing required field '{field}'")
+        elif err["type"] == "literal_error":
+            messages.append(f"{where}: {field}: {err['msg']}")
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            messages.append(f"{where}: {field}: {msg}")
+    return "; ".join(messages)
+
+
+def parse_pool_spec(text: str, source: str = "pool YAML", base_dir: str | None = None) -> PoolSpec:
+    """Validate YAML text; relative ``workdir`` resolves against ``base_dir``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source} line {mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise PoolSpecError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise PoolSpecError(
+            f"{source}: expected a mapping with at least `pool: {{workers: N}}`, got "
+            f"{type(data).__name__}"
+        )
+    try:
+        spec = PoolSpec.model_validate(data)
+    except ValidationError as e:
+        raise PoolSpecError(_format(e, source, root)) from None
+    if spec.workdir is not None:
+        path = Path(os.path.expanduser(spec.workdir))
+        if not path.is_absolute():
+            path = Path(base_dir or os.getcwd()) / path
+        if not path.is_dir():
+            line = _line_of(root, ("workdir",))
+            raise PoolSpecError(
+                f"{source} line {line}: workdir: {path} is not a directory; "
+                "name a directory to copy to each worker"
+            )
+        spec = spec.model_copy(update={"workdir": str(path.resolve())})
+    return spec
+
+
+def load_pool_file(path: str | os.PathLike[str]) -> PoolSpec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise PoolSpecError(f"{p}: no such file") from None
+    except OSError as e:
+        raise PoolSpecError(f"{p}: cannot read ({e.strerror})") from None
+    return parse_pool_spec(text, str(p), str(p.resolve().parent))

@@ -1,0 +1,1 @@
+"""The control plane: HTTP routes, job and pool services, scheduler, state store."""

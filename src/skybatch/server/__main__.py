@@ -1,0 +1,5 @@
+import sys
+
+from skybatch.server.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,222 @@
+"""HTTP routes only: authentication, translation to services, errors as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+
+import skybatch
+from skybatch import defaults
+from skybatch.errors import AuthError, SkyBatchError
+from skybatch.server.context import Context
+from skybatch.server.jobs import JobService, job_view
+from skybatch.server.models import (
+    FailRequest,
+    Heartbeat,
+    HeartbeatReply,
+    JobSubmit,
+    JobView,
+    LeaseRequest,
+    LeaseView,
+    PoolApply,
+    PoolView,
+    ReduceRequest,
+    ReduceResult,
+    Register,
+    SetupFailed,
+)
+from skybatch.server.pools import PoolService
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("skybatch.server")
+
+
+def create_app(ctx: Context) -> FastAPI:
+    jobs = JobService(ctx)
+    pools = PoolService(ctx, jobs)
+
+    async def monitor() -> None:
+        while True:
+            try:
+                await pools.monitor_once()
+            except Exception:  # the monitor must outlive any one bad tick
+                log.exception("monitor tick failed")
+            await asyncio.sleep(defaults.MONITOR_INTERVAL)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.notifier.bind(asyncio.get_running_loop())
+        await pools.start_all()
+        jobs.resume_unfinished()
+        task = asyncio.create_task(monitor())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await pools.stop_all()
+
+    app = FastAPI(
+        title="skybatch",
+        version=skybatch.__version__,
+        lifespan=lifespan,
+        description="Control plane of a skybatch deployment. Every endpoint but "
+        "/v1/health needs `Authorization: Bearer <token>` (the token file in SKYBATCH_HOME).",
+    )
+
+    def require_token(authorization: str = Header(default="")) -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token, ctx.token):
+            raise AuthError("missing or wrong token; clients read it from SKYBATCH_HOME/token")
+
+    @app.exception_handler(SkyBatchError)
+    async def on_error(request: Request, exc: SkyBatchError) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"type": type(exc).__name__, "message": str(exc)}},
+            status_code=exc.http_status,
+        )
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True}
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+    @api.get("/server")
+    async def server_info() -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "url": ctx.url,
+            "home": str(ctx.home.root),
+            "version": skybatch.__version__,
+        }
+
+    # -- pools -----------------------------------------------------------------------
+
+    @api.post("/pools/{name}")
+    async def apply_pool(name: str, body: PoolApply) -> PoolView:
+        return pools.view(await pools.apply(name, body.spec))
+
+    @api.get("/pools")
+    async def list_pools() -> list[PoolView]:
+        return [pools.view(p) for p in ctx.store.list_pools()]
+
+    @api.get("/pools/{name}")
+    async def get_pool(name: str, wait: float = 0) -> PoolView:
+        if wait > 0:
+            return pools.view(await pools.wait_settled(name, min(wait, 60)))
+        return pools.view(pools.get(name))
+
+    @api.delete("/pools/{name}")
+    async def down_pool(name: str) -> dict[str, Any]:
+        await pools.down(name)
+        return {"ok": True}
+
+    # -- jobs ------------------------------------------------------------------------
+
+    @api.post("/jobs")
+    async def submit(body: JobSubmit) -> JobView:
+        return job_view(await jobs.submit(body))
+
+    @api.get("/jobs")
+    async def list_jobs() -> list[JobView]:
+        return [job_view(j) for j in ctx.store.list_jobs()]
+
+    @api.get("/jobs/{job_id}")
+    async def get_job(job_id: int, version: int = -1, wait: float = 0) -> JobView:
+        if wait > 0:
+            return job_view(await jobs.wait(job_id, version, min(wait, 60)))
+        return job_view(jobs.get(job_id))
+
+    @api.post("/jobs/{job_id}/cancel")
+    async def cancel(job_id: int) -> JobView:
+        return job_view(await jobs.cancel(job_id))
+
+    @api.post("/jobs/{job_id}/reduce")
+    async def reduce(job_id: int, body: ReduceRequest) -> ReduceResult:
+        return ReduceResult(**await jobs.reduce_partial(job_id, body.writer))
+
+    @api.get("/jobs/{job_id}/logs")
+    async def logs(
+        job_id: int, worker: int | None = None, offset: int = 0, wait: float = 0
+    ) -> Response:
+        data, nxt = jobs.read_log(job_id, worker, offset)
+        if not data and wait > 0 and not jobs.get(job_id).status.finished:
+            await ctx.notifier.wait(("log", job_id), min(wait, 60))
+            data, nxt = jobs.read_log(job_id, worker, offset)
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"X-Next-Offset": str(nxt), "X-Job-Status": jobs.get(job_id).status.value},
+        )
+
+    # -- agents ----------------------------------------------------------------------
+
+    @api.post("/agent/workers/{worker_id}/register")
+    async def register(worker_id: int, body: Register) -> dict[str, Any]:
+        return pools.register(worker_id, body.pid)
+
+    @api.post("/agent/workers/{worker_id}/ready")
+    async def ready(worker_id: int) -> dict[str, Any]:
+        pools.ready(worker_id)
+        return {"ok": True}
+
+    @api.post("/agent/workers/{worker_id}/setup-failed")
+    async def setup_failed(worker_id: int, body: SetupFailed) -> dict[str, Any]:
+        pools.setup_failed(worker_id, body.exit_code, body.output)
+        return {"ok": True}
+
+    @api.post("/agent/workers/{worker_id}/heartbeat")
+    async def heartbeat(worker_id: int, body: Heartbeat) -> HeartbeatReply:
+        return HeartbeatReply(**pools.heartbeat(worker_id, body.attempts))
+
+    @api.post("/agent/workers/{worker_id}/lease")
+    async def lease(worker_id: int, body: LeaseRequest) -> dict[str, Any]:
+        w = pools._worker(worker_id)
+        got = await jobs.lease(worker_id, w.pool, body.prefetch, body.wait)
+        if got is None:
+            return {"lease": None}
+        b = got.batch
+        view = LeaseView(
+            attempt=got.attempt,
+            job_id=got.job_id,
+            index=b.index,
+            file=b.file,
+            start=b.start,
+            end=b.end,
+            row_start=b.row_start,
+            row_count=b.row_count,
+            line=b.line,
+        )
+        return {"lease": view.model_dump()}
+
+    @api.get("/agent/jobs/{job_id}")
+    async def job_spec(job_id: int) -> dict[str, Any]:
+        job = jobs.get(job_id)
+        return {"id": job.id, "status": job.status.value, **job.spec}
+
+    @api.post("/agent/attempts/{attempt}/commit")
+    async def commit(attempt: int) -> dict[str, Any]:
+        await jobs.commit(attempt)
+        return {"ok": True}
+
+    @api.post("/agent/attempts/{attempt}/fail")
+    async def fail(attempt: int, body: FailRequest) -> dict[str, Any]:
+        await jobs.fail(attempt, body.kind, body.error, body.traceback)
+        return {"ok": True}
+
+    @api.post("/agent/jobs/{job_id}/logs/{worker_index}")
+    async def append_log(job_id: int, worker_index: int, request: Request) -> dict[str, Any]:
+        jobs.append_log(job_id, worker_index, await request.body())
+        return {"ok": True}
+
+    app.include_router(api)
+    return app

@@ -1,0 +1,220 @@
+"""The server process, and how clients find, start and stop it.
+
+One server per ``SKYBATCH_HOME``: it holds ``server.lock`` for its whole life,
+binds 127.0.0.1 on the configured port (``SKYBATCH_SERVER_PORT``), else the
+port it had last time, else any free one, and records pid and URL in
+``server.json``. Clients start it on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from skybatch import defaults
+from skybatch.config import Home
+from skybatch.config import home as current_home
+from skybatch.errors import ServerError
+
+__all__ = ["ServerInfo", "ensure_server", "read_server_info", "stop_server"]
+
+HOST = "127.0.0.1"
+
+
+class ServerInfo(dict[str, Any]):
+    @property
+    def url(self) -> str:
+        return str(self["url"])
+
+    @property
+    def pid(self) -> int:
+        return int(self["pid"])
+
+
+def read_server_info(home: Home) -> ServerInfo | None:
+    try:
+        return ServerInfo(json.loads(home.server_file.read_text()))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def running_server(home: Home) -> ServerInfo | None:
+    info = read_server_info(home)
+    if info and _pid_alive(info.pid) and _healthy(info.url):
+        return info
+    return None
+
+
+def _tail(path: Path, limit: int = 1500) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode(errors="replace").strip()
+
+
+def ensure_server(home: Home | None = None) -> ServerInfo:
+    """The running server of ``home``, started now if it is not running."""
+    home = (home or current_home()).ensure()
+    info = running_server(home)
+    if info:
+        return info
+    with open(home.start_lock, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another client may be starting it right now
+        info = running_server(home)
+        if info:
+            return info
+        home.server_log.parent.mkdir(parents=True, exist_ok=True)
+        previous = read_server_info(home)
+        with open(home.server_log, "ab") as out:
+            # --detach forks again and returns at once: the server is no child of ours.
+            subprocess.run(
+                [sys.executable, "-m", "skybatch.server", "--home", str(home.root), "--detach"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        deadline = time.monotonic() + defaults.SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            info = read_server_info(home)
+            if info and info != previous and _pid_alive(info.pid):
+                if _healthy(info.url):
+                    return info
+            elif info and info != previous:
+                raise ServerError(
+                    f"the skybatch server exited at start; see {home.server_log}: "
+                    f"{_tail(home.server_log)}"
+                )
+            time.sleep(0.05)
+        raise ServerError(
+            f"the skybatch server did not answer within {defaults.SERVER_START_TIMEOUT:.0f}s; "
+            f"see {home.server_log}"
+        )
+
+
+def stop_server(home: Home | None = None, timeout: float = 30.0) -> bool:
+    """Stop the server (and so its pools' agents); False if none was running."""
+    home = home or current_home()
+    info = read_server_info(home)
+    if info is None or not _pid_alive(info.pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(info.pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(info.pid, signal.SIGKILL)
+    return True
+
+
+def _bind(home: Home) -> socket.socket:
+    wanted = []
+    if os.environ.get("SKYBATCH_SERVER_PORT"):
+        wanted.append(int(os.environ["SKYBATCH_SERVER_PORT"]))
+    else:
+        previous = read_server_info(home)
+        if previous:
+            # Agents that outlived a crash look for their server where it was.
+            wanted.append(int(previous.get("port", 0)))
+        wanted.append(0)
+    last_error: OSError | None = None
+    for port in wanted:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as e:
+            sock.close()
+            last_error = e
+            continue
+        sock.listen(2048)
+        sock.set_inheritable(False)
+        return sock
+    raise ServerError(f"cannot bind {HOST}:{wanted[0]}: {last_error}")
+
+
+def serve(home: Home) -> int:
+    import uvicorn
+
+    from skybatch.server.app import create_app
+    from skybatch.server.context import Context
+    from skybatch.server.sqlite import SqliteStore
+
+    home.ensure()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    lock = open(home.server_lock, "w")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"a skybatch server already runs for {home.root}", file=sys.stderr)
+        return 0
+    token = home.create_token()
+    sock = _bind(home)
+    port = sock.getsockname()[1]
+    url = f"http://{HOST}:{port}"
+    ctx = Context(home=home, store=SqliteStore(home.db), token=token, url=url)
+    app = create_app(ctx)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    tmp = home.server_file.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"pid": os.getpid(), "url": url, "port": port, "started": time.time()})
+    )
+    os.replace(tmp, home.server_file)
+    logging.getLogger("skybatch.server").info("serving %s on %s", home.root, url)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        info = read_server_info(home)
+        if info and info.pid == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                home.server_file.unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skybatch.server")
+    parser.add_argument("--home", help="deployment directory (default: SKYBATCH_HOME)")
+    parser.add_argument("--detach", action="store_true", help="run in the background")
+    args = parser.parse_args(argv)
+    if args.detach:
+        if os.fork() > 0:
+            os._exit(0)
+        os.setsid()
+    home = Home(Path(args.home).resolve()) if args.home else current_home()
+    return serve(home)

@@ -1,0 +1,486 @@
+"""Job lifecycle: submit, index, lease, commit, fail, cancel, reduce.
+
+Each job is a few asyncio tasks at most (indexing and the reduce run in a
+thread each, since they stream storage); leases, commits and failures are one
+store transaction each, with no polling: lease requests sleep on the pool's
+notifier until work appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+from skybatch import defaults
+from skybatch.errors import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    OutputError,
+    PoolError,
+    SkyBatchError,
+)
+from skybatch.io import storage
+from skybatch.io.base import InputReader, OutputWriter, Part, reader_from_spec, writer_from_spec
+from skybatch.server.context import Context
+from skybatch.server.models import JobSubmit, JobView
+from skybatch.server.store import JobRecord, Lease
+from skybatch.states import JobStatus, PoolStatus
+
+__all__ = ["JobService", "job_view"]
+
+log = logging.getLogger("skybatch.server")
+
+
+def job_view(job: JobRecord) -> JobView:
+    return JobView(
+        id=job.id,
+        name=job.name,
+        pool=job.pool,
+        status=job.status.value,
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        total_batches=job.total_batches,
+        total_rows=job.total_rows,
+        indexed=job.indexed,
+        committed_batches=job.committed_batches,
+        committed_rows=job.committed_rows,
+        failed_batches=job.failed_batches,
+        retries=job.retries,
+        lost=job.lost,
+        error=job.error,
+        version=job.version,
+        outputs=[w["path"] for w in job.spec["writers"]],
+    )
+
+
+def _ranges(indices: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+class JobService:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: dict[int, list[OutputWriter]] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _notify(self, job: JobRecord | int, pool: str | None = None) -> None:
+        job_id = job if isinstance(job, int) else job.id
+        self.ctx.notifier.notify(("job", job_id))
+        if pool is None and isinstance(job, JobRecord):
+            pool = job.pool
+        if pool is not None:
+            self.ctx.notifier.notify(("pool", pool))
+
+    def get(self, job_id: int) -> JobRecord:
+        job = self.ctx.store.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id}; see `skybatch jobs queue` for the job ids")
+        return job
+
+    def writers(self, job: JobRecord) -> list[OutputWriter]:
+        cached = self._writers.get(job.id)
+        if cached is None:
+            cached = [writer_from_spec(w) for w in job.spec["writers"]]
+            self._writers[job.id] = cached
+        return cached
+
+    def resume_unfinished(self) -> None:
+        """After a restart: finish reduces under way, and indexing cut short."""
+        loop = asyncio.get_running_loop()
+        for job in self.ctx.store.list_jobs(active_only=True):
+            if job.status is JobStatus.REDUCING or (
+                job.indexed and job.committed_batches == job.total_batches
+            ):
+                self._spawn(self._reduce(job.id))
+            elif not job.indexed:
+                reader = reader_from_spec(job.spec["reader"])
+                self._spawn(
+                    asyncio.to_thread(
+                        self._index,
+                        loop,
+                        job.id,
+                        job.pool,
+                        reader,
+                        job.spec["batch_size"],
+                        job.total_batches,
+                    )
+                )
+
+    # -- submit and index ----------------------------------------------------------------
+
+    async def submit(self, req: JobSubmit) -> JobRecord:
+        store = self.ctx.store
+        pool = store.get_pool(req.pool)
+        if pool is None:
+            names = ", ".join(p.name for p in store.list_pools()) or "none"
+            raise NotFoundError(
+                f"no pool named {req.pool!r} (pools: {names}); create it with "
+                f"`skybatch pool apply pool.yaml --pool {req.pool}`"
+            )
+        if pool.status is PoolStatus.FAILED:
+            raise PoolError(
+                f"pool {req.pool!r} failed to set up; fix its YAML and re-apply it. {pool.error}"
+            )
+        if req.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {req.batch_size}")
+        if not req.writers:
+            raise ConfigError("output must name at least one writer, e.g. skybatch.JsonWriter(...)")
+        try:
+            reader = reader_from_spec(req.reader)
+            writers = [writer_from_spec(w) for w in req.writers]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"invalid reader or writer: {e}") from None
+        paths = [w.path for w in writers]
+        if len(set(paths)) != len(paths):
+            raise ConfigError(f"two outputs write the same path: {paths}")
+        for other in store.list_jobs(active_only=True):
+            clash = set(paths) & {w["path"] for w in other.spec["writers"]}
+            if clash:
+                raise ConflictError(
+                    f"job {other.id} is already writing {sorted(clash)[0]}; wait for it, "
+                    f"cancel it (`skybatch jobs cancel {other.id}`), or choose another output"
+                )
+        await asyncio.to_thread(reader.validate)
+        spec = req.model_dump()
+        job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock())
+        try:
+            await asyncio.to_thread(self._prepare, writers, job_id, req.overwrite)
+        except BaseException:
+            await asyncio.to_thread(self._cleanup, writers, job_id)
+            store.delete_job(job_id)
+            raise
+        self._writers[job_id] = writers
+        loop = asyncio.get_running_loop()
+        self._spawn(asyncio.to_thread(self._index, loop, job_id, req.pool, reader, req.batch_size))
+        log.info("job %d (%s) submitted to pool %s", job_id, req.name, req.pool)
+        return self.get(job_id)
+
+    @staticmethod
+    def _prepare(writers: list[OutputWriter], job_id: int, overwrite: bool) -> None:
+        for w in writers:
+            w.prepare(job_id, overwrite)
+
+    @staticmethod
+    def _cleanup(writers: list[OutputWriter], job_id: int) -> None:
+        for w in writers:
+            try:
+                w.cleanup(job_id)
+            except Exception as e:  # cleanup is best effort; the error that caused it matters
+                log.warning("cleanup of %s for job %d failed: %s", w.path, job_id, e)
+
+    def _index(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        job_id: int,
+        pool: str,
+        reader: InputReader,
+        batch_size: int,
+        skip: int = 0,
+    ) -> None:
+        """Stream the input once, handing batches to the scheduler as they are found.
+
+        ``skip`` batches were recorded before a restart and are not added again.
+        """
+        store = self.ctx.store
+        buf = []
+        flushed = time.monotonic()
+        try:
+            for plan in reader.plan(batch_size):
+                if plan.index < skip:
+                    continue
+                buf.append(plan)
+                # The first batch goes out at once so workers start while indexing goes on.
+                if (
+                    plan.index == 0
+                    or len(buf) >= defaults.INDEX_FLUSH_BATCHES
+                    or time.monotonic() - flushed > 0.2
+                ):
+                    job = store.get_job(job_id)
+                    if job is None or job.status.finished:
+                        return
+                    store.add_batches(job_id, buf, done=False)
+                    buf = []
+                    flushed = time.monotonic()
+                    self.ctx.notifier.notify_threadsafe(("pool", pool))
+            store.add_batches(job_id, buf, done=True)
+        except SkyBatchError as e:
+            asyncio.run_coroutine_threadsafe(self._fail(job_id, str(e)), loop)
+            return
+        except Exception as e:
+            log.exception("indexing job %d failed", job_id)
+            asyncio.run_coroutine_threadsafe(
+                self._fail(job_id, f"reading the input failed: {type(e).__name__}: {e}"), loop
+            )
+            return
+        self.ctx.notifier.notify_threadsafe(("pool", pool))
+        asyncio.run_coroutine_threadsafe(self._after_progress(job_id), loop)
+
+    # -- leases, commits, failures ---------------------------------------------------------
+
+    async def lease(self, worker_id: int, pool: str, prefetch: bool, wait: float) -> Lease | None:
+        store, key = self.ctx.store, ("pool", pool)
+        deadline = self.ctx.clock() + wait
+        while True:
+            # A prefetch must not take a batch that an idle worker is waiting for.
+            if prefetch and self.ctx.notifier.waiting(key):
+                return None
+            now = self.ctx.clock()
+            lease = store.lease(pool, worker_id, now, defaults.LEASE_TTL)
+            if lease is not None:
+                self.ctx.notifier.notify(("job", lease.job_id))
+                return lease
+            if prefetch:
+                return None
+            timeout = deadline - now
+            ready_at = store.next_ready_at(pool, now)
+            if ready_at is not None:
+                timeout = min(timeout, ready_at - now + 0.001)
+            if timeout <= 0:
+                return None
+            await self.ctx.notifier.wait(key, timeout)
+
+    async def commit(self, attempt: int) -> None:
+        job = self.ctx.store.commit(attempt, self.ctx.clock())
+        if job is None:
+            raise ConflictError(f"attempt {attempt} no longer holds its lease; discard its output")
+        self._notify(job.id)
+        if job.indexed and job.committed_batches == job.total_batches:
+            self._spawn(self._reduce(job.id))
+
+    async def fail(self, attempt: int, kind: str, error: str, traceback: str | None) -> None:
+        res = self.ctx.store.fail(
+            attempt,
+            mapper_caused=kind == "mapper",
+            error=error,
+            traceback=traceback,
+            now=self.ctx.clock(),
+            max_system_failures=defaults.MAX_SYSTEM_FAILURES,
+        )
+        if res is None:
+            raise ConflictError(f"attempt {attempt} no longer holds its lease")
+        job, exhausted = res
+        if exhausted:
+            await self._fail(job.id)
+        # Waiting lease requests recompute when the retried batch becomes ready.
+        self._notify(job)
+
+    async def handle_exhausted(self, job_ids: list[int]) -> None:
+        for job_id in job_ids:
+            await self._fail(job_id)
+
+    async def _after_progress(self, job_id: int) -> None:
+        job = self.get(job_id)
+        self._notify(job)
+        if (
+            job.status in (JobStatus.PENDING, JobStatus.RUNNING)
+            and job.indexed
+            and (job.committed_batches == job.total_batches)
+        ):
+            await self._reduce(job_id)
+
+    # -- ending a job ------------------------------------------------------------------
+
+    def _failure_message(self, job: JobRecord) -> str:
+        store = self.ctx.store
+        lines = []
+        failed = store.failed_batches(job.id)
+        if failed:
+            batch = failed[0]
+            attempts = [a for a in store.batch_attempts(job.id, batch) if a.status == "FAILED"]
+            mapper_failures = [a for a in attempts if a.error_kind == "mapper"] or attempts
+            plan = store.batch_plan(job.id, batch)
+            rows = f" (rows {plan.row_start}-{plan.row_start + plan.row_count - 1})" if plan else ""
+            lines.append(
+                f"job {job.id} ({job.name}) failed: batch {batch}{rows} failed "
+                f"{len(mapper_failures)} times (max_retries={job.spec['max_retries']})."
+            )
+            shown = [(1, mapper_failures[0])]
+            if len(mapper_failures) > 1:
+                shown.append((len(mapper_failures), mapper_failures[-1]))
+            for n, (tries, a) in enumerate(shown):
+                worker = store.get_worker(a.worker_id)
+                where = f", worker {worker.index}" if worker else ""
+                lines.append(f"{'First' if n == 0 else 'Last'} failure (try {tries}{where}):")
+                lines.append((a.traceback or a.error or "").rstrip())
+        return "\n".join(lines)
+
+    def _recovery_hint(self, job: JobRecord) -> str:
+        writers = [writer_from_spec(w) for w in job.spec["writers"]]
+        if not job.committed_batches:
+            return "No batch committed, so there are no partial results to recover."
+        lines = [
+            f"{job.committed_batches} of {job.total_batches} batches ({job.committed_rows} of "
+            f"{job.total_rows} rows) committed and kept. To recover them:"
+        ]
+        for writer in writers:
+            lines.append(f'    skybatch.{writer!r}.reduce_results(job_id="{job.id}")')
+            lines.append(f'    skybatch.{writer!r}.cleanup(job_id="{job.id}")')
+        return "\n".join(lines)
+
+    async def _fail(self, job_id: int, reason: str | None = None) -> None:
+        job = self.ctx.store.get_job(job_id)
+        if job is None or job.status.finished:
+            return
+        message = reason if reason is not None else self._failure_message(job)
+        message = f"{message}\n{self._recovery_hint(job)}"
+        if self.ctx.store.set_job_status(job_id, JobStatus.FAILED, self.ctx.clock(), message):
+            log.info("job %d failed", job_id)
+        self._notify(job)
+        if not job.committed_batches:
+            # Nothing to recover: leave no staging area behind.
+            await asyncio.to_thread(self._cleanup, self.writers(job), job_id)
+
+    async def cancel(self, job_id: int, reason: str = "cancelled") -> JobRecord:
+        job = self.get(job_id)
+        if job.status.finished:
+            raise ConflictError(f"job {job_id} already {job.status.value}; nothing to cancel")
+        if job.status is JobStatus.REDUCING:
+            raise ConflictError(f"job {job_id} has finished its batches and is writing its output")
+        self.ctx.store.set_job_status(job_id, JobStatus.CANCELLED, self.ctx.clock(), reason)
+        self._notify(job)
+        return self.get(job_id)
+
+    async def _reduce(self, job_id: int) -> None:
+        store = self.ctx.store
+        job = store.get_job(job_id)
+        if job is None or job.status not in (
+            JobStatus.PENDING,
+            JobStatus.RUNNING,
+            JobStatus.REDUCING,
+        ):
+            return
+        if job.status is not JobStatus.REDUCING:
+            store.set_job_status(job_id, JobStatus.REDUCING, self.ctx.clock())
+            self._notify(job)
+        writers = self.writers(job)
+        parts = store.committed_parts(job_id)
+        try:
+            await asyncio.to_thread(self._publish, job, writers, parts, job.spec["overwrite"])
+        except SkyBatchError as e:
+            await self._fail_reduce(job, f"job {job_id} could not publish its output: {e}")
+            return
+        except Exception as e:
+            log.exception("reduce of job %d failed", job_id)
+            await self._fail_reduce(job, f"job {job_id} could not publish its output: {e!r}")
+            return
+        store.set_job_status(job_id, JobStatus.SUCCEEDED, self.ctx.clock())
+        self._writers.pop(job_id, None)
+        self._notify(job)
+        await asyncio.to_thread(self._cleanup, writers, job_id)
+        log.info("job %d succeeded", job_id)
+
+    async def _fail_reduce(self, job: JobRecord, message: str) -> None:
+        # set_job_status refuses to move a finished job, so fail it from REDUCING here.
+        self.ctx.store.set_job_status(job.id, JobStatus.FAILED, self.ctx.clock(), message)
+        self._notify(job)
+
+    @staticmethod
+    def _publish(
+        job: JobRecord, writers: list[OutputWriter], parts: list[Part], overwrite: bool
+    ) -> None:
+        """Stage every output, then publish them all: no output appears unless all can."""
+        staged = []
+        try:
+            for w in writers:
+                if not overwrite and storage.exists(w.path, w.storage_options):
+                    raise OutputError(
+                        f"output {w.path} appeared while the job ran; pass overwrite=True "
+                        "to replace it"
+                    )
+                staged.append(w.stage(job.id, parts))
+        except BaseException:
+            for s in staged:
+                s.discard()
+            raise
+        for s in staged:
+            s.publish()
+
+    async def reduce_partial(self, job_id: int, writer_spec: dict[str, Any]) -> dict[str, Any]:
+        """Write what a finished job committed to one of its outputs; say what is missing."""
+        job = self.get(job_id)
+        if not job.status.finished:
+            raise ConflictError(
+                f"job {job_id} is {job.status.value}; wait for it to end or cancel it first"
+            )
+        writer = next((w for w in self.writers(job) if w.path == writer_spec.get("path")), None)
+        if writer is None:
+            raise ConfigError(
+                f"job {job_id} did not write {writer_spec.get('path')!r}; its outputs are "
+                f"{[w['path'] for w in job.spec['writers']]}"
+            )
+        parts = self.ctx.store.committed_parts(job_id)
+
+        def stage_and_publish() -> None:
+            writer.stage(job_id, parts).publish()
+
+        await asyncio.to_thread(stage_and_publish)
+        missing = self._missing_rows(job, parts)
+        return {"rows": sum(p.row_count for p in parts), "missing": missing, "path": writer.path}
+
+    def _missing_rows(self, job: JobRecord, parts: list[Part]) -> list[list[int]]:
+        missing: list[list[int]] = []
+        row = 0
+        for p in parts:
+            if p.row_start > row:
+                missing.append([row, p.row_start - 1])
+            row = p.row_start + p.row_count
+        if row < job.total_rows:
+            missing.append([row, job.total_rows - 1])
+        return missing
+
+    # -- waiting and logs ------------------------------------------------------------------
+
+    async def wait(self, job_id: int, version: int, timeout: float) -> JobRecord:
+        job = self.get(job_id)
+        if job.version != version or job.status.finished:
+            return job
+        await self.ctx.notifier.wait(("job", job_id), timeout)
+        return self.get(job_id)
+
+    def append_log(self, job_id: int, worker_index: int, data: bytes) -> None:
+        self.get(job_id)
+        path = self.ctx.home.job_log(job_id, worker_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(data)
+        self.ctx.notifier.notify(("log", job_id))
+
+    def read_log(self, job_id: int, worker: int | None, offset: int) -> tuple[bytes, int]:
+        """Log bytes from ``offset``; with no worker, all workers' logs, each line prefixed."""
+        self.get(job_id)
+        root = self.ctx.home.job_log(job_id, 0).parent
+        if worker is not None:
+            path = root / f"worker-{worker}.log"
+            if not path.exists():
+                return b"", offset
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            return data, offset + len(data)
+        if not root.exists():
+            return b"", 0
+        chunks = []
+        for path in sorted(root.glob("worker-*.log"), key=lambda p: int(re.sub(r"\D", "", p.name))):
+            prefix = f"({path.stem}) ".encode()
+            for line in path.read_bytes().splitlines(keepends=True):
+                chunks.append(prefix + line)
+        data = b"".join(chunks)
+        return data[offset:], len(data)

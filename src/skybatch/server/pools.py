@@ -1,0 +1,353 @@
+"""Pool lifecycle: apply (create, resize, restart), down, worker registration, monitoring."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import defaultdict
+from typing import Any
+
+from pydantic import ValidationError
+
+from skybatch import defaults
+from skybatch.errors import ConfigError, ConflictError, NotFoundError, PoolSpecError
+from skybatch.pools import Provider, provider_for
+from skybatch.pools.base import WorkerLaunch
+from skybatch.pools.spec import PoolSpec
+from skybatch.server.context import Context
+from skybatch.server.jobs import JobService
+from skybatch.server.models import PoolView, WorkerView
+from skybatch.server.store import PoolRecord, WorkerRecord
+from skybatch.states import JobStatus, PoolStatus, WorkerStatus
+
+__all__ = ["PoolService"]
+
+log = logging.getLogger("skybatch.server")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: A worker that dies this many times in a row before becoming ready fails its pool.
+_MAX_EARLY_DEATHS = 3
+
+
+class PoolService:
+    def __init__(self, ctx: Context, jobs: JobService) -> None:
+        self.ctx = ctx
+        self.jobs = jobs
+        self._providers: dict[str, Provider] = {}
+        self._early_deaths: dict[tuple[str, int], int] = defaultdict(int)
+        self._lock = asyncio.Lock()
+
+    def provider(self, name: str) -> Provider:
+        if name not in self._providers:
+            self._providers[name] = provider_for(name)
+        return self._providers[name]
+
+    def get(self, name: str) -> PoolRecord:
+        pool = self.ctx.store.get_pool(name)
+        if pool is None:
+            names = ", ".join(p.name for p in self.ctx.store.list_pools()) or "none"
+            raise NotFoundError(
+                f"no pool named {name!r} (pools: {names}); create it with "
+                f"`skybatch pool apply pool.yaml --pool {name}`"
+            )
+        return pool
+
+    def view(self, pool: PoolRecord) -> PoolView:
+        spec = PoolSpec.model_validate(pool.spec)
+        workers = self.ctx.store.list_workers(pool.name, live_only=True)
+        failed = [
+            w
+            for w in self.ctx.store.list_workers(pool.name)
+            if w.status is WorkerStatus.SETUP_FAILED
+        ]
+        shown = sorted(
+            workers + (failed if pool.status is PoolStatus.FAILED else []),
+            key=lambda w: (w.index, w.id),
+        )
+        return PoolView(
+            name=pool.name,
+            status=pool.status.value,
+            error=pool.error,
+            workers=spec.workers,
+            ready=sum(w.status is WorkerStatus.READY for w in workers),
+            resources=spec.resources.model_dump(exclude_none=True),
+            provider=spec.provider,
+            worker_list=[
+                WorkerView(
+                    id=w.id,
+                    index=w.index,
+                    status=w.status.value,
+                    pid=w.handle.get("pid"),
+                    error=w.error,
+                )
+                for w in shown
+            ],
+            active_jobs=[
+                j.id for j in self.ctx.store.list_jobs(active_only=True) if j.pool == pool.name
+            ],
+        )
+
+    # -- apply and down ------------------------------------------------------------------
+
+    async def apply(self, name: str, raw_spec: dict[str, Any]) -> PoolRecord:
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"invalid pool name {name!r}: use letters, digits, '-', '_' or '.', "
+                "starting with a letter or digit (at most 63 characters)"
+            )
+        try:
+            spec = PoolSpec.model_validate(raw_spec)
+        except ValidationError as e:
+            raise PoolSpecError(f"invalid pool spec: {e.errors()[0]['msg']}") from None
+        async with self._lock:
+            store = self.ctx.store
+            old = store.get_pool(name)
+            restart = (
+                old is not None
+                and PoolSpec.model_validate(old.spec).runtime_key() != spec.runtime_key()
+            ) or (old is not None and old.status is PoolStatus.FAILED)
+            store.put_pool(name, spec.model_dump(), self.ctx.clock())
+            for key in [k for k in self._early_deaths if k[0] == name]:
+                del self._early_deaths[key]
+            if restart:
+                log.info("pool %s changed: restarting its workers", name)
+                await self._stop(store.list_workers(name, live_only=True), "pool spec changed")
+            await self._reconcile(name)
+        return self.get(name)
+
+    async def down(self, name: str) -> None:
+        pool = self.get(name)
+        for job in self.ctx.store.list_jobs(active_only=True):
+            if job.pool == name and job.status is not JobStatus.REDUCING:
+                await self.jobs.cancel(job.id, f"pool {name} was taken down")
+        async with self._lock:
+            await self._stop(self.ctx.store.list_workers(name, live_only=True), "pool down")
+            self.ctx.store.delete_pool(name)
+            spec = PoolSpec.model_validate(pool.spec)
+            await asyncio.to_thread(self.provider(spec.provider).remove, name, self.ctx.home)
+        self.ctx.notifier.notify(("pool-status", name))
+        log.info("pool %s is down", name)
+
+    async def stop_all(self) -> None:
+        """On server shutdown: stop every agent; the next start relaunches them."""
+        await self._stop(self.ctx.store.list_workers(live_only=True), "server stopped")
+
+    async def start_all(self) -> None:
+        """On server start: bring every pool back to its size (agents may have survived)."""
+        for pool in self.ctx.store.list_pools():
+            if pool.status is not PoolStatus.FAILED:
+                async with self._lock:
+                    await self._reconcile(pool.name)
+
+    async def _reconcile(self, name: str) -> None:
+        """Launch missing workers and stop extra ones, so the pool has its configured size."""
+        store = self.ctx.store
+        pool = store.get_pool(name)
+        if pool is None or pool.status is PoolStatus.FAILED:
+            return
+        spec = PoolSpec.model_validate(pool.spec)
+        keep: dict[int, WorkerRecord] = {}
+        extra = []
+        for w in store.list_workers(name, live_only=True):
+            if w.index >= spec.workers or w.index in keep:
+                extra.append(w)
+            else:
+                keep[w.index] = w
+        if extra:
+            await self._stop(extra, "pool resized")
+        missing = [i for i in range(spec.workers) if i not in keep]
+        await asyncio.gather(*(self._launch(name, i, spec) for i in missing))
+        self._update_status(name)
+
+    async def _launch(self, pool: str, index: int, spec: PoolSpec) -> None:
+        store = self.ctx.store
+        worker_id = store.add_worker(pool, index, self.ctx.clock())
+        launch = WorkerLaunch(
+            worker_id=worker_id,
+            pool=pool,
+            index=index,
+            spec=spec,
+            server_url=self.ctx.url,
+            token=self.ctx.token,
+            home=self.ctx.home,
+        )
+        try:
+            handle = await asyncio.to_thread(self.provider(spec.provider).launch, launch)
+        except Exception as e:
+            log.exception("launching worker %d of pool %s failed", index, pool)
+            store.set_worker(
+                worker_id, status=WorkerStatus.LOST, error=str(e), now=self.ctx.clock()
+            )
+            store.set_pool_status(
+                pool, PoolStatus.FAILED, f"could not start worker {index}: {e}", self.ctx.clock()
+            )
+            return
+        store.set_worker(worker_id, handle=handle, now=self.ctx.clock())
+
+    async def _stop(self, workers: list[WorkerRecord], reason: str) -> None:
+        if not workers:
+            return
+        store = self.ctx.store
+        # Mark first, so the monitor does not mistake a stopping worker for a lost one.
+        for w in workers:
+            store.set_worker(w.id, status=WorkerStatus.STOPPED, error=reason, now=self.ctx.clock())
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    self.provider(self._provider_of(w)).terminate, w.handle, defaults.KILL_GRACE
+                )
+                for w in workers
+            )
+        )
+        exhausted: list[int] = []
+        for w in workers:
+            exhausted += store.release_worker(
+                w.id,
+                f"worker {w.index} stopped: {reason}",
+                self.ctx.clock(),
+                defaults.MAX_SYSTEM_FAILURES,
+            )
+            self.ctx.notifier.notify(("pool", w.pool))
+        await self.jobs.handle_exhausted(exhausted)
+
+    def _provider_of(self, worker: WorkerRecord) -> str:
+        pool = self.ctx.store.get_pool(worker.pool)
+        return PoolSpec.model_validate(pool.spec).provider if pool else "local"
+
+    def _update_status(self, name: str) -> None:
+        store = self.ctx.store
+        pool = store.get_pool(name)
+        if pool is None or pool.status is PoolStatus.FAILED:
+            self.ctx.notifier.notify(("pool-status", name))
+            return
+        spec = PoolSpec.model_validate(pool.spec)
+        ready = sum(
+            w.status is WorkerStatus.READY for w in store.list_workers(name, live_only=True)
+        )
+        if ready >= spec.workers:
+            status = PoolStatus.READY
+        elif pool.status in (PoolStatus.READY, PoolStatus.DEGRADED):
+            status = PoolStatus.DEGRADED
+        else:
+            status = PoolStatus.PROVISIONING
+        if status is not pool.status:
+            store.set_pool_status(name, status, None, self.ctx.clock())
+        self.ctx.notifier.notify(("pool-status", name))
+
+    async def wait_settled(self, name: str, timeout: float) -> PoolRecord:
+        """The pool once it is READY or FAILED, or as it is when ``timeout`` runs out."""
+        pool = self.get(name)
+        if pool.status in (PoolStatus.PROVISIONING, PoolStatus.DEGRADED):
+            await self.ctx.notifier.wait(("pool-status", name), timeout)
+            pool = self.get(name)
+        return pool
+
+    # -- agents --------------------------------------------------------------------------
+
+    def _worker(self, worker_id: int) -> WorkerRecord:
+        w = self.ctx.store.get_worker(worker_id)
+        if w is None or not w.status.live:
+            raise ConflictError(f"worker {worker_id} is not part of a live pool; exit")
+        return w
+
+    def register(self, worker_id: int, pid: int) -> dict[str, Any]:
+        w = self._worker(worker_id)
+        pool = self.get(w.pool)
+        spec = PoolSpec.model_validate(pool.spec)
+        status = WorkerStatus.READY if w.status is WorkerStatus.READY else WorkerStatus.SETTING_UP
+        self.ctx.store.set_worker(worker_id, status=status, now=self.ctx.clock())
+        return {
+            "pool": w.pool,
+            "index": w.index,
+            "setup": spec.setup,
+            "setup_hash": spec.setup_hash(),
+            "heartbeat_interval": defaults.HEARTBEAT_INTERVAL,
+        }
+
+    def ready(self, worker_id: int) -> None:
+        w = self._worker(worker_id)
+        self.ctx.store.set_worker(worker_id, status=WorkerStatus.READY, now=self.ctx.clock())
+        self._early_deaths.pop((w.pool, w.index), None)
+        self._update_status(w.pool)
+        self.ctx.notifier.notify(("pool", w.pool))
+
+    def setup_failed(self, worker_id: int, exit_code: int, output: str) -> None:
+        w = self._worker(worker_id)
+        tail = "\n".join(output.rstrip().splitlines()[-20:])
+        message = (
+            f"setup failed on worker {w.index} with exit code {exit_code}; fix `setup` in the "
+            f"pool YAML and apply it again. Last output:\n{tail}"
+        )
+        now = self.ctx.clock()
+        self.ctx.store.set_worker(
+            worker_id, status=WorkerStatus.SETUP_FAILED, error=message, now=now
+        )
+        self.ctx.store.set_pool_status(w.pool, PoolStatus.FAILED, message, now)
+        self.ctx.notifier.notify(("pool-status", w.pool))
+
+    def heartbeat(self, worker_id: int, attempts: list[int]) -> dict[str, Any]:
+        w = self._worker(worker_id)
+        revoked = self.ctx.store.heartbeat(
+            worker_id, attempts, self.ctx.clock(), defaults.LEASE_TTL
+        )
+        active = [j.id for j in self.ctx.store.list_jobs(active_only=True) if j.pool == w.pool]
+        return {"revoked": revoked, "active_jobs": active}
+
+    # -- monitoring ----------------------------------------------------------------------
+
+    async def monitor_once(self) -> None:
+        """Requeue expired leases; replace workers whose process died."""
+        store = self.ctx.store
+        pools, exhausted = store.expire_leases(self.ctx.clock(), defaults.MAX_SYSTEM_FAILURES)
+        for pool_name in pools:
+            self.ctx.notifier.notify(("pool", pool_name))
+        await self.jobs.handle_exhausted(exhausted)
+        dead = [
+            w
+            for w in store.list_workers(live_only=True)
+            if w.handle and not self.provider(self._provider_of(w)).is_alive(w.handle)
+        ]
+        for w in dead:
+            await self._lost(w)
+
+    async def _lost(self, w: WorkerRecord) -> None:
+        store = self.ctx.store
+        current = store.get_worker(w.id)
+        if current is None or not current.status.live:
+            return  # stopped meanwhile
+        log.warning("worker %d of pool %s (pid %s) died", w.index, w.pool, w.handle.get("pid"))
+        now = self.ctx.clock()
+        store.set_worker(w.id, status=WorkerStatus.LOST, error="agent process died", now=now)
+        # The provider saw it die: its batches go back now, not when the lease expires.
+        exhausted = store.release_worker(
+            w.id, f"worker {w.index} died", now, defaults.MAX_SYSTEM_FAILURES
+        )
+        self.ctx.notifier.notify(("pool", w.pool))
+        await self.jobs.handle_exhausted(exhausted)
+        if current.status is not WorkerStatus.READY:
+            key = (w.pool, w.index)
+            self._early_deaths[key] += 1
+            if self._early_deaths[key] >= _MAX_EARLY_DEATHS:
+                tail = _tail(self.ctx.home.worker_log(w.pool, w.index))
+                store.set_pool_status(
+                    w.pool,
+                    PoolStatus.FAILED,
+                    f"worker {w.index} died {_MAX_EARLY_DEATHS} times before it was ready. "
+                    f"Last output:\n{tail}",
+                    now,
+                )
+                self.ctx.notifier.notify(("pool-status", w.pool))
+                return
+        async with self._lock:
+            await self._reconcile(w.pool)
+
+
+def _tail(path: Any, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"

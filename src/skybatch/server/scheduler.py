@@ -1,0 +1,81 @@
+"""Scheduling decisions, pure: no I/O, time passed in. The store applies them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["Candidate", "FailureOutcome", "Verdict", "backoff", "choose_job", "judge_failure"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A job with a batch ready to lease, and how many of its batches are leased now."""
+
+    job_id: int
+    leased: int
+
+
+def choose_job(candidates: Sequence[Candidate], last_job: int | None) -> int | None:
+    """Which job a free worker serves next.
+
+    Every job with ready work gets at least one worker (oldest first); beyond
+    that a worker stays on the job it last served, because switching jobs
+    means starting another runner and loading another model.
+    """
+    if not candidates:
+        return None
+    starving = [c.job_id for c in candidates if c.leased == 0]
+    if starving:
+        return min(starving)
+    if last_job is not None and any(c.job_id == last_job for c in candidates):
+        return last_job
+    return min(c.job_id for c in candidates)
+
+
+def backoff(failures: int, base: float) -> float:
+    """Seconds before retry number ``failures`` (1-based): base, 2·base, 4·base, ..."""
+    return base * 2 ** (failures - 1)
+
+
+class Verdict(str, Enum):
+    RETRY = "RETRY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    verdict: Verdict
+    failures: int
+    system_failures: int
+    ready_at: float
+
+
+def judge_failure(
+    *,
+    mapper_caused: bool,
+    failures: int,
+    system_failures: int,
+    max_retries: int,
+    retry_backoff: float,
+    max_system_failures: int,
+    now: float,
+) -> FailureOutcome:
+    """What a failed attempt does to its batch.
+
+    A mapper error costs a retry and waits out the backoff. A failure the
+    system caused (lost worker, runner killed by a signal) is retried at once
+    and costs nothing, until ``max_system_failures``; past that each one costs
+    a retry like a mapper error, so a batch that kills every worker ends.
+    """
+    if not mapper_caused:
+        system_failures += 1
+        if system_failures <= max_system_failures:
+            return FailureOutcome(Verdict.RETRY, failures, system_failures, now)
+    failures += 1
+    if failures > max_retries:
+        return FailureOutcome(Verdict.FAILED, failures, system_failures, now)
+    return FailureOutcome(
+        Verdict.RETRY, failures, system_failures, now + backoff(failures, retry_backoff)
+    )

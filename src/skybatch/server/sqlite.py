@@ -1,0 +1,574 @@
+"""The SQLite state store: WAL, one connection, one ``BEGIN IMMEDIATE`` per change."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from skybatch.io.base import BatchPlan, Part
+from skybatch.server import scheduler
+from skybatch.server.store import (
+    AttemptRecord,
+    JobRecord,
+    Lease,
+    PoolRecord,
+    Store,
+    WorkerRecord,
+)
+from skybatch.states import BatchStatus, JobStatus, PoolStatus, WorkerStatus
+
+__all__ = ["SqliteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pools(
+  name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
+  created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS workers(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, pool TEXT NOT NULL, idx INTEGER NOT NULL,
+  status TEXT NOT NULL, handle TEXT NOT NULL DEFAULT '{}', started_at REAL NOT NULL,
+  last_seen REAL, error TEXT, last_job INTEGER);
+CREATE INDEX IF NOT EXISTS workers_pool ON workers(pool, status);
+CREATE TABLE IF NOT EXISTS jobs(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, pool TEXT NOT NULL,
+  status TEXT NOT NULL, spec TEXT NOT NULL, submitted_at REAL NOT NULL,
+  started_at REAL, finished_at REAL,
+  total_batches INTEGER NOT NULL DEFAULT 0, total_rows INTEGER NOT NULL DEFAULT 0,
+  indexed INTEGER NOT NULL DEFAULT 0,
+  committed_batches INTEGER NOT NULL DEFAULT 0, committed_rows INTEGER NOT NULL DEFAULT 0,
+  failed_batches INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0,
+  lost INTEGER NOT NULL DEFAULT 0, error TEXT, version INTEGER NOT NULL DEFAULT 0,
+  max_retries INTEGER NOT NULL, retry_backoff REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs(pool, id) WHERE status IN ('PENDING','RUNNING');
+CREATE TABLE IF NOT EXISTS batches(
+  job_id INTEGER NOT NULL, idx INTEGER NOT NULL, file INTEGER NOT NULL,
+  start INTEGER NOT NULL, end INTEGER NOT NULL, row_start INTEGER NOT NULL,
+  row_count INTEGER NOT NULL, line INTEGER NOT NULL, status TEXT NOT NULL,
+  failures INTEGER NOT NULL DEFAULT 0, system_failures INTEGER NOT NULL DEFAULT 0,
+  ready_at REAL NOT NULL DEFAULT 0, attempt INTEGER, committed_attempt INTEGER,
+  PRIMARY KEY(job_id, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS batches_pending ON batches(job_id, idx) WHERE status='PENDING';
+CREATE INDEX IF NOT EXISTS batches_leased ON batches(job_id) WHERE status='LEASED';
+CREATE TABLE IF NOT EXISTS attempts(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, batch INTEGER NOT NULL,
+  worker_id INTEGER NOT NULL, status TEXT NOT NULL, leased_at REAL NOT NULL,
+  expires_at REAL NOT NULL, finished_at REAL, error_kind TEXT, error TEXT, traceback TEXT);
+CREATE INDEX IF NOT EXISTS attempts_live ON attempts(expires_at) WHERE status='LEASED';
+CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id) WHERE status='LEASED';
+CREATE INDEX IF NOT EXISTS attempts_batch ON attempts(job_id, batch);
+"""
+
+_ACTIVE = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        name=row["name"],
+        pool=row["pool"],
+        status=JobStatus(row["status"]),
+        spec=orjson.loads(row["spec"]),
+        submitted_at=row["submitted_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        total_batches=row["total_batches"],
+        total_rows=row["total_rows"],
+        indexed=bool(row["indexed"]),
+        committed_batches=row["committed_batches"],
+        committed_rows=row["committed_rows"],
+        failed_batches=row["failed_batches"],
+        retries=row["retries"],
+        lost=row["lost"],
+        error=row["error"],
+        version=row["version"],
+    )
+
+
+def _worker(row: sqlite3.Row) -> WorkerRecord:
+    return WorkerRecord(
+        id=row["id"],
+        pool=row["pool"],
+        index=row["idx"],
+        status=WorkerStatus(row["status"]),
+        handle=orjson.loads(row["handle"]),
+        started_at=row["started_at"],
+        last_seen=row["last_seen"],
+        error=row["error"],
+        last_job=row["last_job"],
+    )
+
+
+def _pool(row: sqlite3.Row) -> PoolRecord:
+    return PoolRecord(
+        name=row["name"],
+        spec=orjson.loads(row["spec"]),
+        status=PoolStatus(row["status"]),
+        error=row["error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class SqliteStore(Store):
+    """State in one SQLite file. Safe to share between the event loop and worker threads."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across a crash of this process (WAL); only power loss can
+        # drop the last transactions, which re-running those batches repairs.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+            return row
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- pools and workers -------------------------------------------------------------
+
+    def put_pool(self, name: str, spec: dict[str, Any], now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO pools(name, spec, status, created_at, updated_at) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, status=excluded.status, "
+                "error=NULL, updated_at=excluded.updated_at",
+                (name, orjson.dumps(spec), PoolStatus.PROVISIONING.value, now, now),
+            )
+
+    def get_pool(self, name: str) -> PoolRecord | None:
+        row = self._one("SELECT * FROM pools WHERE name=?", (name,))
+        return _pool(row) if row else None
+
+    def list_pools(self) -> list[PoolRecord]:
+        return [_pool(r) for r in self._all("SELECT * FROM pools ORDER BY name")]
+
+    def set_pool_status(self, name: str, status: PoolStatus, error: str | None, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE pools SET status=?, error=?, updated_at=? WHERE name=?",
+                (status.value, error, now, name),
+            )
+
+    def delete_pool(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM pools WHERE name=?", (name,))
+
+    def add_worker(self, pool: str, index: int, now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO workers(pool, idx, status, started_at) VALUES(?,?,?,?)",
+                (pool, index, WorkerStatus.STARTING.value, now),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def set_worker(
+        self,
+        worker_id: int,
+        *,
+        status: WorkerStatus | None = None,
+        handle: dict[str, Any] | None = None,
+        error: str | None = None,
+        now: float,
+    ) -> None:
+        sets, args = ["last_seen=?"], [now]
+        if status is not None:
+            sets.append("status=?")
+            args.append(status.value)
+        if handle is not None:
+            sets.append("handle=?")
+            args.append(orjson.dumps(handle).decode())
+        if error is not None:
+            sets.append("error=?")
+            args.append(error)
+        with self._tx() as db:
+            db.execute(f"UPDATE workers SET {', '.join(sets)} WHERE id=?", (*args, worker_id))
+
+    def get_worker(self, worker_id: int) -> WorkerRecord | None:
+        row = self._one("SELECT * FROM workers WHERE id=?", (worker_id,))
+        return _worker(row) if row else None
+
+    def list_workers(self, pool: str | None = None, live_only: bool = False) -> list[WorkerRecord]:
+        sql, args = "SELECT * FROM workers WHERE 1=1", []
+        if pool is not None:
+            sql += " AND pool=?"
+            args.append(pool)
+        if live_only:
+            live = [s.value for s in WorkerStatus if s.live]
+            sql += f" AND status IN ({','.join('?' * len(live))})"
+            args.extend(live)
+        return [_worker(r) for r in self._all(sql + " ORDER BY pool, idx, id", args)]
+
+    # -- jobs and batches ----------------------------------------------------------------
+
+    def create_job(self, name: str, pool: str, spec: dict[str, Any], now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs(name, pool, status, spec, submitted_at, max_retries, "
+                "retry_backoff) VALUES(?,?,?,?,?,?,?)",
+                (
+                    name,
+                    pool,
+                    JobStatus.PENDING.value,
+                    orjson.dumps(spec),
+                    now,
+                    spec["max_retries"],
+                    spec["retry_backoff"],
+                ),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def delete_job(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM batches WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM attempts WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def get_job(self, job_id: int) -> JobRecord | None:
+        row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(row) if row else None
+
+    def list_jobs(self, active_only: bool = False) -> list[JobRecord]:
+        if active_only:
+            rows = self._all(
+                "SELECT * FROM jobs WHERE status IN (?,?,?) ORDER BY id",
+                (*_ACTIVE, JobStatus.REDUCING.value),
+            )
+        else:
+            rows = self._all("SELECT * FROM jobs ORDER BY id")
+        return [_job(r) for r in rows]
+
+    def add_batches(self, job_id: int, batches: Sequence[BatchPlan], done: bool) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO batches(job_id, idx, file, start, end, row_start, row_count, line, "
+                "status) VALUES(?,?,?,?,?,?,?,?,'PENDING')",
+                [
+                    (job_id, b.index, b.file, b.start, b.end, b.row_start, b.row_count, b.line)
+                    for b in batches
+                ],
+            )
+            db.execute(
+                "UPDATE jobs SET total_batches=total_batches+?, total_rows=total_rows+?, "
+                "indexed=?, version=version+1 WHERE id=?",
+                (len(batches), sum(b.row_count for b in batches), int(done), job_id),
+            )
+
+    def set_job_status(
+        self, job_id: int, status: JobStatus, now: float, error: str | None = None
+    ) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or JobStatus(row["status"]).finished:
+                return False
+            finished = now if status.finished else None
+            db.execute(
+                "UPDATE jobs SET status=?, error=COALESCE(?, error), finished_at=?, "
+                "version=version+1 WHERE id=?",
+                (status.value, error, finished, job_id),
+            )
+            if status.finished:
+                db.execute(
+                    "UPDATE attempts SET status='REVOKED', finished_at=? "
+                    "WHERE job_id=? AND status='LEASED'",
+                    (now, job_id),
+                )
+                db.execute(
+                    "UPDATE batches SET status='PENDING', attempt=NULL "
+                    "WHERE job_id=? AND status='LEASED'",
+                    (job_id,),
+                )
+            return True
+
+    def committed_parts(self, job_id: int) -> list[Part]:
+        rows = self._all(
+            "SELECT idx, committed_attempt, row_start, row_count FROM batches "
+            "WHERE job_id=? AND status='COMMITTED' ORDER BY idx",
+            (job_id,),
+        )
+        return [Part(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def batch_attempts(self, job_id: int, batch: int) -> list[AttemptRecord]:
+        rows = self._all(
+            "SELECT id, job_id, batch, worker_id, status, error_kind, error, traceback "
+            "FROM attempts WHERE job_id=? AND batch=? ORDER BY id",
+            (job_id, batch),
+        )
+        return [AttemptRecord(*r) for r in rows]
+
+    def batch_plan(self, job_id: int, batch: int) -> BatchPlan | None:
+        row = self._one(
+            "SELECT idx, file, start, end, row_start, row_count, line FROM batches "
+            "WHERE job_id=? AND idx=?",
+            (job_id, batch),
+        )
+        return BatchPlan(*row) if row else None
+
+    def failed_batches(self, job_id: int) -> list[int]:
+        rows = self._all(
+            "SELECT idx FROM batches WHERE job_id=? AND status='FAILED' ORDER BY idx", (job_id,)
+        )
+        return [r[0] for r in rows]
+
+    # -- leases ------------------------------------------------------------------------
+
+    def lease(self, pool: str, worker_id: int, now: float, ttl: float) -> Lease | None:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT j.id, (SELECT COUNT(*) FROM batches l WHERE l.job_id=j.id "
+                "AND l.status='LEASED') FROM jobs j WHERE j.pool=? AND j.status IN (?,?) "
+                "AND EXISTS(SELECT 1 FROM batches b WHERE b.job_id=j.id AND b.status='PENDING' "
+                "AND b.ready_at<=?)",
+                (pool, *_ACTIVE, now),
+            ).fetchall()
+            if not rows:
+                return None
+            last = db.execute("SELECT last_job FROM workers WHERE id=?", (worker_id,)).fetchone()
+            job_id = scheduler.choose_job(
+                [scheduler.Candidate(r[0], r[1]) for r in rows], last[0] if last else None
+            )
+            b = db.execute(
+                "SELECT idx, file, start, end, row_start, row_count, line FROM batches "
+                "WHERE job_id=? AND status='PENDING' AND ready_at<=? ORDER BY idx LIMIT 1",
+                (job_id, now),
+            ).fetchone()
+            expires = now + ttl
+            cur = db.execute(
+                "INSERT INTO attempts(job_id, batch, worker_id, status, leased_at, expires_at) "
+                "VALUES(?,?,?,'LEASED',?,?)",
+                (job_id, b[0], worker_id, now, expires),
+            )
+            attempt = cur.lastrowid
+            assert attempt is not None
+            db.execute(
+                "UPDATE batches SET status='LEASED', attempt=? WHERE job_id=? AND idx=?",
+                (attempt, job_id, b[0]),
+            )
+            db.execute(
+                "UPDATE jobs SET status='RUNNING', started_at=COALESCE(started_at, ?), "
+                "version=version+1 WHERE id=?",
+                (now, job_id),
+            )
+            db.execute(
+                "UPDATE workers SET last_job=?, last_seen=? WHERE id=?", (job_id, now, worker_id)
+            )
+            assert job_id is not None
+            return Lease(attempt, job_id, BatchPlan(*b), expires)
+
+    def next_ready_at(self, pool: str, now: float) -> float | None:
+        row = self._one(
+            "SELECT MIN(b.ready_at) FROM batches b JOIN jobs j ON j.id=b.job_id "
+            "WHERE j.pool=? AND j.status IN (?,?) AND b.status='PENDING' AND b.ready_at>?",
+            (pool, *_ACTIVE, now),
+        )
+        return row[0] if row else None
+
+    def heartbeat(
+        self, worker_id: int, attempts: Sequence[int], now: float, ttl: float
+    ) -> list[int]:
+        with self._tx() as db:
+            db.execute("UPDATE workers SET last_seen=? WHERE id=?", (now, worker_id))
+            revoked = []
+            for attempt in attempts:
+                cur = db.execute(
+                    "UPDATE attempts SET expires_at=? WHERE id=? AND worker_id=? AND status='LEASED'",
+                    (now + ttl, attempt, worker_id),
+                )
+                if cur.rowcount == 0:
+                    revoked.append(attempt)
+            return revoked
+
+    def _live_attempt(self, db: sqlite3.Connection, attempt: int) -> sqlite3.Row | None:
+        """The attempt's row if it still holds its batch's lease (fencing)."""
+        row: sqlite3.Row | None = db.execute(
+            "SELECT a.job_id, a.batch, b.row_count, b.failures, b.system_failures, "
+            "j.max_retries, j.retry_backoff FROM attempts a "
+            "JOIN batches b ON b.job_id=a.job_id AND b.idx=a.batch "
+            "JOIN jobs j ON j.id=a.job_id "
+            "WHERE a.id=? AND a.status='LEASED' AND b.status='LEASED' AND b.attempt=a.id "
+            "AND j.status='RUNNING'",
+            (attempt,),
+        ).fetchone()
+        return row
+
+    def commit(self, attempt: int, now: float) -> JobRecord | None:
+        with self._tx() as db:
+            row = self._live_attempt(db, attempt)
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE attempts SET status='COMMITTED', finished_at=? WHERE id=?", (now, attempt)
+            )
+            db.execute(
+                "UPDATE batches SET status='COMMITTED', committed_attempt=? WHERE job_id=? AND idx=?",
+                (attempt, row["job_id"], row["batch"]),
+            )
+            db.execute(
+                "UPDATE jobs SET committed_batches=committed_batches+1, "
+                "committed_rows=committed_rows+?, version=version+1 WHERE id=?",
+                (row["row_count"], row["job_id"]),
+            )
+            job = db.execute("SELECT * FROM jobs WHERE id=?", (row["job_id"],)).fetchone()
+            return _job(job)
+
+    def _put_back(
+        self,
+        db: sqlite3.Connection,
+        attempt: int,
+        row: sqlite3.Row,
+        *,
+        mapper_caused: bool,
+        kind: str,
+        error: str,
+        traceback: str | None,
+        now: float,
+        max_system_failures: int,
+    ) -> bool:
+        """Close a failed attempt and requeue or fail its batch; True if the batch failed."""
+        outcome = scheduler.judge_failure(
+            mapper_caused=mapper_caused,
+            failures=row["failures"],
+            system_failures=row["system_failures"],
+            max_retries=row["max_retries"],
+            retry_backoff=row["retry_backoff"],
+            max_system_failures=max_system_failures,
+            now=now,
+        )
+        db.execute(
+            "UPDATE attempts SET status='FAILED', finished_at=?, error_kind=?, error=?, "
+            "traceback=? WHERE id=?",
+            (now, kind, error, traceback, attempt),
+        )
+        failed = outcome.verdict is scheduler.Verdict.FAILED
+        db.execute(
+            "UPDATE batches SET status=?, attempt=NULL, failures=?, system_failures=?, "
+            "ready_at=? WHERE job_id=? AND idx=?",
+            (
+                BatchStatus.FAILED.value if failed else BatchStatus.PENDING.value,
+                outcome.failures,
+                outcome.system_failures,
+                outcome.ready_at,
+                row["job_id"],
+                row["batch"],
+            ),
+        )
+        db.execute(
+            "UPDATE jobs SET failed_batches=failed_batches+?, retries=retries+?, lost=lost+?, "
+            "version=version+1 WHERE id=?",
+            (
+                int(failed),
+                int(not failed and outcome.failures > row["failures"]),
+                int(not mapper_caused),
+                row["job_id"],
+            ),
+        )
+        return failed
+
+    def fail(
+        self,
+        attempt: int,
+        *,
+        mapper_caused: bool,
+        error: str,
+        traceback: str | None,
+        now: float,
+        max_system_failures: int,
+    ) -> tuple[JobRecord, bool] | None:
+        with self._tx() as db:
+            row = self._live_attempt(db, attempt)
+            if row is None:
+                return None
+            failed = self._put_back(
+                db,
+                attempt,
+                row,
+                mapper_caused=mapper_caused,
+                kind="mapper" if mapper_caused else "system",
+                error=error,
+                traceback=traceback,
+                now=now,
+                max_system_failures=max_system_failures,
+            )
+            job = db.execute("SELECT * FROM jobs WHERE id=?", (row["job_id"],)).fetchone()
+            return _job(job), failed
+
+    def _release(
+        self, db: sqlite3.Connection, attempts: list[int], reason: str, now: float, cap: int
+    ) -> list[int]:
+        exhausted = []
+        for attempt in attempts:
+            row = self._live_attempt(db, attempt)
+            if row is None:
+                db.execute(
+                    "UPDATE attempts SET status='LOST', finished_at=? WHERE id=? AND status='LEASED'",
+                    (now, attempt),
+                )
+                continue
+            if self._put_back(
+                db,
+                attempt,
+                row,
+                mapper_caused=False,
+                kind="lost",
+                error=reason,
+                traceback=None,
+                now=now,
+                max_system_failures=cap,
+            ):
+                exhausted.append(row["job_id"])
+        return exhausted
+
+    def release_worker(
+        self, worker_id: int, reason: str, now: float, max_system_failures: int
+    ) -> list[int]:
+        with self._tx() as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM attempts WHERE worker_id=? AND status='LEASED'", (worker_id,)
+                )
+            ]
+            return self._release(db, ids, reason, now, max_system_failures)
+
+    def expire_leases(self, now: float, max_system_failures: int) -> tuple[set[str], list[int]]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT a.id, j.pool FROM attempts a JOIN jobs j ON j.id=a.job_id "
+                "WHERE a.status='LEASED' AND a.expires_at<?",
+                (now,),
+            ).fetchall()
+            if not rows:
+                return set(), []
+            exhausted = self._release(
+                db, [r[0] for r in rows], "lease expired", now, max_system_failures
+            )
+            return {r[1] for r in rows}, exhausted

@@ -1,0 +1,212 @@
+"""The state store interface and its records.
+
+Every method is one transaction. Methods that depend on time take ``now``, so
+lease expiry and backoff are tested without sleeping. The default (and today
+the only) implementation is :mod:`skybatch.server.sqlite`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from skybatch.io.base import BatchPlan, Part
+from skybatch.states import JobStatus, PoolStatus, WorkerStatus
+
+__all__ = ["AttemptRecord", "JobRecord", "Lease", "PoolRecord", "Store", "WorkerRecord"]
+
+
+@dataclass
+class PoolRecord:
+    name: str
+    spec: dict[str, Any]
+    status: PoolStatus
+    error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class WorkerRecord:
+    id: int
+    pool: str
+    index: int
+    status: WorkerStatus
+    handle: dict[str, Any]
+    started_at: float
+    last_seen: float | None
+    error: str | None
+    last_job: int | None
+
+
+@dataclass
+class JobRecord:
+    id: int
+    name: str
+    pool: str
+    status: JobStatus
+    spec: dict[str, Any]
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    total_batches: int
+    total_rows: int
+    indexed: bool
+    committed_batches: int
+    committed_rows: int
+    failed_batches: int
+    retries: int
+    lost: int
+    error: str | None
+    version: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    attempt: int
+    job_id: int
+    batch: BatchPlan
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    id: int
+    job_id: int
+    batch: int
+    worker_id: int
+    status: str
+    error_kind: str | None
+    error: str | None
+    traceback: str | None
+
+
+class Store(abc.ABC):
+    """Pools, workers, jobs, batches and attempts, each change one transaction."""
+
+    # -- pools and workers -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_pool(self, name: str, spec: dict[str, Any], now: float) -> None: ...
+
+    @abc.abstractmethod
+    def get_pool(self, name: str) -> PoolRecord | None: ...
+
+    @abc.abstractmethod
+    def list_pools(self) -> list[PoolRecord]: ...
+
+    @abc.abstractmethod
+    def set_pool_status(
+        self, name: str, status: PoolStatus, error: str | None, now: float
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def delete_pool(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def add_worker(self, pool: str, index: int, now: float) -> int: ...
+
+    @abc.abstractmethod
+    def set_worker(
+        self,
+        worker_id: int,
+        *,
+        status: WorkerStatus | None = None,
+        handle: dict[str, Any] | None = None,
+        error: str | None = None,
+        now: float,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def get_worker(self, worker_id: int) -> WorkerRecord | None: ...
+
+    @abc.abstractmethod
+    def list_workers(
+        self, pool: str | None = None, live_only: bool = False
+    ) -> list[WorkerRecord]: ...
+
+    # -- jobs and batches ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_job(self, name: str, pool: str, spec: dict[str, Any], now: float) -> int: ...
+
+    @abc.abstractmethod
+    def delete_job(self, job_id: int) -> None:
+        """Forget a job that never started (its submission was refused)."""
+
+    @abc.abstractmethod
+    def get_job(self, job_id: int) -> JobRecord | None: ...
+
+    @abc.abstractmethod
+    def list_jobs(self, active_only: bool = False) -> list[JobRecord]: ...
+
+    @abc.abstractmethod
+    def add_batches(self, job_id: int, batches: Sequence[BatchPlan], done: bool) -> None:
+        """Record planned batches; ``done`` marks the end of indexing."""
+
+    @abc.abstractmethod
+    def set_job_status(
+        self, job_id: int, status: JobStatus, now: float, error: str | None = None
+    ) -> bool:
+        """Move a job to ``status``; a finished job never moves. Returns whether it moved.
+
+        Leaving the running states revokes the job's leases and puts their
+        batches back to PENDING, so a resume redoes them.
+        """
+
+    @abc.abstractmethod
+    def committed_parts(self, job_id: int) -> list[Part]: ...
+
+    @abc.abstractmethod
+    def batch_attempts(self, job_id: int, batch: int) -> list[AttemptRecord]: ...
+
+    @abc.abstractmethod
+    def batch_plan(self, job_id: int, batch: int) -> BatchPlan | None: ...
+
+    @abc.abstractmethod
+    def failed_batches(self, job_id: int) -> list[int]: ...
+
+    # -- leases ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def lease(self, pool: str, worker_id: int, now: float, ttl: float) -> Lease | None:
+        """Lease the next ready batch of a running job on ``pool`` to ``worker_id``."""
+
+    @abc.abstractmethod
+    def next_ready_at(self, pool: str, now: float) -> float | None:
+        """When the earliest batch waiting out a backoff on ``pool`` becomes ready."""
+
+    @abc.abstractmethod
+    def heartbeat(
+        self, worker_id: int, attempts: Sequence[int], now: float, ttl: float
+    ) -> list[int]:
+        """Renew the worker's live leases; return the attempts it no longer holds."""
+
+    @abc.abstractmethod
+    def commit(self, attempt: int, now: float) -> JobRecord | None:
+        """Commit the attempt's batch if it still holds the lease; the job after, or None."""
+
+    @abc.abstractmethod
+    def fail(
+        self,
+        attempt: int,
+        *,
+        mapper_caused: bool,
+        error: str,
+        traceback: str | None,
+        now: float,
+        max_system_failures: int,
+    ) -> tuple[JobRecord, bool] | None:
+        """Record a failed attempt; (job, batch exhausted its retries), or None if stale."""
+
+    @abc.abstractmethod
+    def release_worker(
+        self, worker_id: int, reason: str, now: float, max_system_failures: int
+    ) -> list[int]:
+        """Put back the leases of a worker that is gone; the jobs whose batches ran out."""
+
+    @abc.abstractmethod
+    def expire_leases(self, now: float, max_system_failures: int) -> tuple[set[str], list[int]]:
+        """Put back expired leases; (pools with new work, jobs whose batches ran out)."""
