@@ -276,7 +276,7 @@ class Agent:
             job = self._job(item.job)
             assert outcome.parts is not None
             try:
-                for writer, data in zip(job.writers, outcome.parts):
+                for writer, data in zip(job.writers, outcome.parts, strict=True):
                     writer.write_part(item.job, item.plan.index, item.attempt, data)
             except SkyBatchError as e:
                 outcome = Outcome(

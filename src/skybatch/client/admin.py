@@ -1,4 +1,4 @@
-"""Pools and jobs from Python: the functions behind ``skybatch pool ...`` and ``skybatch jobs ...``."""
+"""Pools and jobs from Python: what ``skybatch pool ...`` and ``skybatch jobs ...`` call."""
 
 from __future__ import annotations
 

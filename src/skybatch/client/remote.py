@@ -53,14 +53,14 @@ def _skybatch_alias(value: Any) -> str | None:
 class RemoteFunction:
     """A mapper function made ready to run on workers. Create it with ``@remote_function``."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any] | RemoteFunction) -> None:
         if isinstance(fn, RemoteFunction):
             fn = fn.fn
         if not isinstance(fn, types.FunctionType):
             raise MapperError(
                 f"@remote_function needs a function defined with `def`, got {type(fn).__name__}"
             )
-        self.fn = fn
+        self.fn: types.FunctionType = fn
         self.name = fn.__name__
         if self.name == "<lambda>":
             raise MapperError("@remote_function cannot ship a lambda; define the mapper with `def`")

@@ -35,7 +35,7 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
-        """Start the worker's agent; return a JSON handle to find it again (even after a restart)."""
+        """Start the worker's agent; return a JSON handle that finds it again after a restart."""
 
     @abc.abstractmethod
     def is_alive(self, handle: dict[str, Any]) -> bool:

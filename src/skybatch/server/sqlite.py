@@ -199,7 +199,8 @@ class SqliteStore(Store):
         error: str | None = None,
         now: float,
     ) -> None:
-        sets, args = ["last_seen=?"], [now]
+        sets: list[str] = ["last_seen=?"]
+        args: list[Any] = [now]
         if status is not None:
             sets.append("status=?")
             args.append(status.value)
@@ -400,7 +401,8 @@ class SqliteStore(Store):
             revoked = []
             for attempt in attempts:
                 cur = db.execute(
-                    "UPDATE attempts SET expires_at=? WHERE id=? AND worker_id=? AND status='LEASED'",
+                    "UPDATE attempts SET expires_at=? "
+                    "WHERE id=? AND worker_id=? AND status='LEASED'",
                     (now + ttl, attempt, worker_id),
                 )
                 if cur.rowcount == 0:
@@ -429,7 +431,8 @@ class SqliteStore(Store):
                 "UPDATE attempts SET status='COMMITTED', finished_at=? WHERE id=?", (now, attempt)
             )
             db.execute(
-                "UPDATE batches SET status='COMMITTED', committed_attempt=? WHERE job_id=? AND idx=?",
+                "UPDATE batches SET status='COMMITTED', committed_attempt=? "
+                "WHERE job_id=? AND idx=?",
                 (attempt, row["job_id"], row["batch"]),
             )
             db.execute(
@@ -529,7 +532,8 @@ class SqliteStore(Store):
             row = self._live_attempt(db, attempt)
             if row is None:
                 db.execute(
-                    "UPDATE attempts SET status='LOST', finished_at=? WHERE id=? AND status='LEASED'",
+                    "UPDATE attempts SET status='LOST', finished_at=? "
+                    "WHERE id=? AND status='LEASED'",
                     (now, attempt),
                 )
                 continue
