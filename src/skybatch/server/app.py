@@ -68,6 +68,10 @@ def create_app(ctx: Context) -> FastAPI:
         title="skybatch",
         version=skybatch.__version__,
         lifespan=lifespan,
+        # The schema is served behind the token (/v1/openapi.json), docs pages not at all.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         description="Control plane of a skybatch deployment. Every endpoint but "
         "/v1/health needs `Authorization: Bearer <token>` (the token file in SKYBATCH_HOME).",
     )
@@ -98,6 +102,10 @@ def create_app(ctx: Context) -> FastAPI:
             "home": str(ctx.home.root),
             "version": skybatch.__version__,
         }
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     # -- pools -----------------------------------------------------------------------
 
