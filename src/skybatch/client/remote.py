@@ -104,6 +104,8 @@ class RemoteFunction:
                     f"{where} assigns the module-level name {name!r} (`global {name}`); "
                     "workers cannot change your script's globals: keep state in local variables"
                 )
+            if name == "__name__":
+                continue  # class bodies read it; the runner's namespace defines it
             if name in env:
                 alias = _skybatch_alias(env[name])
                 if alias is None:

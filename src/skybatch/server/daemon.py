@@ -190,15 +190,23 @@ def serve(home: Home) -> int:
     url = f"http://{HOST}:{port}"
     ctx = Context(home=home, store=SqliteStore(home.db), token=token, url=url)
     app = create_app(ctx)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
     tmp = home.server_file.with_suffix(".tmp")
     tmp.write_text(
         json.dumps({"pid": os.getpid(), "url": url, "port": port, "started": time.time()})
     )
     os.replace(tmp, home.server_file)
     logging.getLogger("skybatch.server").info("serving %s on %s", home.root, url)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Long polls would hold the shutdown for their whole wait: end them first.
+            loop = ctx.notifier._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(ctx.notifier.close)
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     finally:
         info = read_server_info(home)
         if info and info.pid == os.getpid():

@@ -19,11 +19,14 @@ class Notifier:
     def __init__(self) -> None:
         self._waiters: dict[Hashable, set[asyncio.Future[None]]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     async def wait(self, key: Hashable, timeout: float) -> None:
+        if self.closed:
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters[key]
         waiters.add(fut)
@@ -47,3 +50,9 @@ class Notifier:
     def notify_threadsafe(self, key: Hashable) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.notify, key)
+
+    def close(self) -> None:
+        """The server is stopping: end every wait now, and all later ones at once."""
+        self.closed = True
+        for key in list(self._waiters):
+            self.notify(key)

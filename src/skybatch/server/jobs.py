@@ -243,6 +243,9 @@ class JobService:
             if prefetch and self.ctx.notifier.waiting(key):
                 return None
             now = self.ctx.clock()
+            worker = store.get_worker(worker_id)
+            if worker is None or not worker.status.live:
+                raise ConflictError(f"worker {worker_id} is not part of a live pool; exit")
             lease = store.lease(pool, worker_id, now, defaults.LEASE_TTL)
             if lease is not None:
                 self.ctx.notifier.notify(("job", lease.job_id))
@@ -253,7 +256,7 @@ class JobService:
             ready_at = store.next_ready_at(pool, now)
             if ready_at is not None:
                 timeout = min(timeout, ready_at - now + 0.001)
-            if timeout <= 0:
+            if timeout <= 0 or self.ctx.notifier.closed:
                 return None
             await self.ctx.notifier.wait(key, timeout)
 

@@ -344,6 +344,10 @@ class SqliteStore(Store):
 
     def lease(self, pool: str, worker_id: int, now: float, ttl: float) -> Lease | None:
         with self._tx() as db:
+            worker = db.execute("SELECT status FROM workers WHERE id=?", (worker_id,)).fetchone()
+            # A long poll can outlive its worker: never hand a batch to a stopped one.
+            if worker is None or not WorkerStatus(worker[0]).live:
+                return None
             rows = db.execute(
                 "SELECT j.id, (SELECT COUNT(*) FROM batches l WHERE l.job_id=j.id "
                 "AND l.status='LEASED') FROM jobs j WHERE j.pool=? AND j.status IN (?,?) "
