@@ -39,16 +39,21 @@ def main() -> int:
     print("2. ds.map(double_text, batch_size=500) over 10,000 rows")
     ds = skybatch.Dataset(skybatch.JsonReader(str(data)))
     job = ds.map(
-        double_text, pool_name="demo", batch_size=500,
-        output=skybatch.JsonWriter(str(work / "out.jsonl")), overwrite=True,
+        double_text,
+        pool_name="demo",
+        batch_size=500,
+        output=skybatch.JsonWriter(str(work / "out.jsonl")),
+        overwrite=True,
     )
     lines = (work / "out.jsonl").read_text().splitlines()
     print(f"3. {work / 'out.jsonl'}: {len(lines)} lines, the first three:")
     for line in lines[:3]:
         print(f"   {line}")
     info = job.info()
-    print(f"4. job {job.job_id}: {info.status}, {info.committed_rows} rows in "
-          f"{info.committed_batches} batches")
+    print(
+        f"4. job {job.job_id}: {info.status}, {info.committed_rows} rows in "
+        f"{info.committed_batches} batches"
+    )
     skybatch.pool_down("demo")
     print("5. pool 'demo' is down. The server keeps running: `skybatch server stop` stops it.")
     ok = len(lines) == 10_000 and lines[0] == '{"output": "row0-row0-"}'

@@ -191,15 +191,18 @@ def jobs_cancel_cmd(job_id: str) -> None:
 def jobs_logs_cmd(job_id: str, worker: int | None, follow: bool) -> None:
     """Print the mapper's stdout and stderr (all workers unless --worker)."""
     from skybatch.client.api import Client
+    from skybatch.client.dataset import format_log_chunk
 
     client = Client.connect()
-    offset = 0
-    out = sys.stdout.buffer
+    offsets: dict[int, int] = {}
     while True:
-        data, offset, status = client.logs(job_id, worker, offset, wait=10 if follow else 0)
-        out.write(data)
-        out.flush()
-        if not follow or (status in ("SUCCEEDED", "FAILED", "CANCELLED") and not data):
+        reply = client.logs(job_id, worker, offsets, wait=10 if follow else 0)
+        for chunk in reply["chunks"]:
+            sys.stdout.write(format_log_chunk(chunk, tag=worker is None))
+            offsets[chunk["worker"]] = chunk["offset"]
+        sys.stdout.flush()
+        done = reply["status"] in ("SUCCEEDED", "FAILED", "CANCELLED")
+        if not follow or (done and not any(c["text"] for c in reply["chunks"])):
             return
 
 

@@ -20,7 +20,9 @@ def run(data: Path, out: Path, **kwargs: object) -> skybatch.Job:
     options: dict[str, object] = {"pool_name": "pool", "batch_size": 2}
     options.update(kwargs)
     return skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-        echo, output=skybatch.JsonWriter(str(out)), **options  # type: ignore[arg-type]
+        echo,
+        output=skybatch.JsonWriter(str(out)),
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -124,7 +126,11 @@ def test_two_active_jobs_cannot_write_one_output(shared: Deployment, tmp_path: P
     data = write_jsonl(tmp_path / "d.jsonl", [{"a": i, "sleep": 0.2} for i in range(20)])
     out = tmp_path / "out.jsonl"
     first = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-        slow_echo, pool_name="pool", batch_size=1, stream=False, output=skybatch.JsonWriter(str(out))
+        slow_echo,
+        pool_name="pool",
+        batch_size=1,
+        stream=False,
+        output=skybatch.JsonWriter(str(out)),
     )
     with pytest.raises(skybatch.ConflictError, match=f"job {first.job_id} is already writing"):
         run(data, out)

@@ -378,3 +378,47 @@ def test_ctrl_c_free_concurrent_submits(shared: Deployment, tmp_path: Path) -> N
     assert not errors
     for k in range(3):
         assert read_jsonl(tmp_path / f"c{k}.jsonl") == [{"i": i} for i in range(30)]
+
+
+def test_failing_activate_env_fails_the_job_saying_so(shared: Deployment, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", rows(2))
+    with pytest.raises(skybatch.JobFailedError) as e:
+        skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+            double_text,
+            pool_name="pool",
+            batch_size=2,
+            max_retries=1,
+            output=skybatch.JsonWriter(str(tmp_path / "o.jsonl")),
+            activate_env="source /nonexistent/venv/bin/activate",
+            **FAST,
+        )
+    message = str(e.value)
+    assert "the runner exited at start with code 97" in message
+    assert "activate_env failed" in message and "/nonexistent/venv/bin/activate" in message
+
+
+def test_logs_follow_until_the_job_ends(shared: Deployment, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", rows(12, sleep=0.1))
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        prints_slowly,
+        pool_name="pool",
+        batch_size=2,
+        stream=False,
+        output=skybatch.JsonWriter(str(tmp_path / "o.jsonl")),
+    )
+    proc = shared.cli("jobs", "logs", job.job_id, "--follow", timeout=60)
+    assert job.status() is skybatch.JobStatus.SUCCEEDED, "--follow returns when the job ends"
+    for start in range(0, 12, 2):
+        assert f"slow batch from {start}" in proc.stdout
+    worker_zero = shared.cli("jobs", "logs", job.job_id, "--worker", "0").stdout
+    assert "(worker-" not in worker_zero and worker_zero in proc.stdout.replace("(worker-0) ", "")
+
+
+@skybatch.remote_function
+def prints_slowly():
+    import time
+
+    for batch in skybatch.load():
+        time.sleep(batch[0]["sleep"])
+        print(f"slow batch from {batch[0]['i']}", flush=True)
+        skybatch.save_results([{"i": item["i"]} for item in batch])

@@ -95,7 +95,9 @@ def test_setup_failure_reports_output_and_blocks_jobs(
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
     with pytest.raises(skybatch.PoolError, match="failed to set up"):
         skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-            copy_text, pool_name="p", batch_size=1,
+            copy_text,
+            pool_name="p",
+            batch_size=1,
             output=skybatch.JsonWriter(str(tmp_path / "o.jsonl")),
         )
     good = tmp_path / "good.yaml"
@@ -112,7 +114,9 @@ def test_workdir_is_copied_and_importable(deployment: Deployment, tmp_path: Path
     skybatch.pool_apply(str(yaml_path), "p")
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi"}, {"text": "yo"}])
     skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-        shout_with_workdir_helper, pool_name="p", batch_size=1,
+        shout_with_workdir_helper,
+        pool_name="p",
+        batch_size=1,
         output=skybatch.JsonWriter(str(tmp_path / "o.jsonl")),
     )
     assert read_jsonl(tmp_path / "o.jsonl") == [{"text": "HI!"}, {"text": "YO!"}]
@@ -122,7 +126,10 @@ def test_workdir_is_copied_and_importable(deployment: Deployment, tmp_path: Path
     ("yaml_text", "expected"),
     [
         ("pool:\n  worker: 2\n", "line 2: unknown field 'pool.worker'; allowed here: workers"),
-        ("pool:\n  workers: 0\n", "line 2: pool.workers: Input should be greater than or equal to 1"),
+        (
+            "pool:\n  workers: 0\n",
+            "line 2: pool.workers: Input should be greater than or equal to 1",
+        ),
         (
             "pool:\n  workers: 1\nresources:\n  cpus: lots\n",
             "line 4: resources.cpus: expected a CPU count such as 2 (exactly) or 2+ (at least)",

@@ -39,8 +39,12 @@ def test_quickstart_through_the_cli(deployment: Deployment, tmp_path: Path) -> N
     proc = deployment.cli("pool", "apply", "pool.yaml", "--pool", "my-pool", "-y", cwd=tmp_path)
     assert "Pool 'my-pool' is READY: 2/2 workers ready." in proc.stdout
     run = subprocess.run(
-        [sys.executable, "my_script.py"], cwd=tmp_path, env=deployment.env(),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "my_script.py"],
+        cwd=tmp_path,
+        env=deployment.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert "4/4" in run.stderr and "100%" in run.stderr  # the progress bar
@@ -50,7 +54,14 @@ def test_quickstart_through_the_cli(deployment: Deployment, tmp_path: Path) -> N
     )
     queue = deployment.cli("jobs", "queue").stdout.splitlines()
     assert queue[0].split() == [
-        "ID", "NAME", "POOL", "STATUS", "BATCHES", "ROWS", "SUBMITTED", "DURATION",
+        "ID",
+        "NAME",
+        "POOL",
+        "STATUS",
+        "BATCHES",
+        "ROWS",
+        "SUBMITTED",
+        "DURATION",
     ]
     assert queue[1].split()[:6] == ["1", "double_text", "my-pool", "SUCCEEDED", "2/2", "4/4"]
     status = deployment.cli("pool", "status").stdout
@@ -58,8 +69,12 @@ def test_quickstart_through_the_cli(deployment: Deployment, tmp_path: Path) -> N
     assert "Pool 'my-pool' is down." in deployment.cli("pool", "down", "my-pool", "-y").stdout
     # Running the script again without overwrite is refused with one line, output intact.
     again = subprocess.run(
-        [sys.executable, "my_script.py"], cwd=tmp_path, env=deployment.env(),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "my_script.py"],
+        cwd=tmp_path,
+        env=deployment.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert again.returncode == 1
     assert "no pool named 'my-pool'" in again.stderr

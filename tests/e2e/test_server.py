@@ -56,12 +56,16 @@ def test_two_deployments_side_by_side(tmp_path: Path) -> None:
             url_two = json.loads(two.home.server_file.read_text())["url"]
             assert url_one != url_two
             skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-                upper, pool_name="p", batch_size=1,
+                upper,
+                pool_name="p",
+                batch_size=1,
                 output=skybatch.JsonWriter(str(tmp_path / "two.jsonl")),
             )
             assert [j.id for j in skybatch.jobs_queue()] == [1]
         skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-            upper, pool_name="p", batch_size=1,
+            upper,
+            pool_name="p",
+            batch_size=1,
             output=skybatch.JsonWriter(str(tmp_path / "one.jsonl")),
         )
         assert [j.id for j in skybatch.jobs_queue()] == [1]

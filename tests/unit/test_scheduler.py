@@ -26,10 +26,17 @@ def test_backoff_doubles() -> None:
     assert [backoff(n, 2.0) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
 
 
-def judge(mapper: bool, failures: int, system: int, cap: int = 10) -> tuple[Verdict, int, int, float]:
+def judge(
+    mapper: bool, failures: int, system: int, cap: int = 10
+) -> tuple[Verdict, int, int, float]:
     o = judge_failure(
-        mapper_caused=mapper, failures=failures, system_failures=system, max_retries=3,
-        retry_backoff=2.0, max_system_failures=cap, now=100.0,
+        mapper_caused=mapper,
+        failures=failures,
+        system_failures=system,
+        max_retries=3,
+        retry_backoff=2.0,
+        max_system_failures=cap,
+        now=100.0,
     )
     return o.verdict, o.failures, o.system_failures, o.ready_at
 

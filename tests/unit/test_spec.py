@@ -36,12 +36,19 @@ def test_accelerators_as_mapping() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("pool:\n  workers: 2\nsetpu: x\n",
-         "line 3: unknown field 'setpu'; allowed here: pool, resources, setup, envs, workdir"),
-        ("pool:\n  workers: 2\nresources:\n  gpus: 1\n",
-         "line 4: unknown field 'resources.gpus'; allowed here: cpus, memory, accelerators"),
+        (
+            "pool:\n  workers: 2\nsetpu: x\n",
+            "line 3: unknown field 'setpu'; allowed here: pool, resources, setup, envs, workdir",
+        ),
+        (
+            "pool:\n  workers: 2\nresources:\n  gpus: 1\n",
+            "line 4: unknown field 'resources.gpus'; allowed here: cpus, memory, accelerators",
+        ),
         ("pool:\n  workers: two\n", "line 2: pool.workers: Input should be a valid integer"),
-        ("pool:\n  workers: 1\nresources:\n  memory: -4\n", "resources.memory: expected memory in GB"),
+        (
+            "pool:\n  workers: 1\nresources:\n  memory: -4\n",
+            "resources.memory: expected memory in GB",
+        ),
         ("pool:\n  workers: 1\nprovider: aws\n", "line 3: provider: Input should be 'local'"),
         ("pool:\n  workers: 1\nenvs:\n  1BAD: x\n", "envs: '1BAD' is not a valid environment"),
         ("- a\n- b\n", "expected a mapping with at least `pool: {workers: N}`"),

@@ -75,15 +75,22 @@ class StoreContract:
         job, w1, _ = self.setup_job(store, n=1, max_retries=1)
         a = store.lease("p", w1, now=10, ttl=TTL)
         assert a is not None
-        res = store.fail(a.attempt, mapper_caused=True, error="E", traceback="tb", now=10,
-                         max_system_failures=10)
+        res = store.fail(
+            a.attempt, mapper_caused=True, error="E", traceback="tb", now=10, max_system_failures=10
+        )
         assert res is not None and res[1] is False
         assert store.lease("p", w1, now=11, ttl=TTL) is None, "retry waits out its backoff"
         assert store.next_ready_at("p", now=11) == 12.0
         b = store.lease("p", w1, now=12, ttl=TTL)
         assert b is not None
-        res = store.fail(b.attempt, mapper_caused=True, error="E2", traceback="tb2", now=13,
-                         max_system_failures=10)
+        res = store.fail(
+            b.attempt,
+            mapper_caused=True,
+            error="E2",
+            traceback="tb2",
+            now=13,
+            max_system_failures=10,
+        )
         assert res is not None and res[1] is True
         assert store.failed_batches(job) == [0]
         errors = [a.error for a in store.batch_attempts(job, 0)]

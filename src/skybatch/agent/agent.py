@@ -133,6 +133,7 @@ class Agent:
         self.jobs: dict[int, JobContext] = {}
         self.runners: dict[int, RunnerProcess] = {}
         self.log_sent: dict[int, int] = collections.defaultdict(int)
+        self.log_lock = threading.Lock()
         self.ready: queue.Queue[Item] = queue.Queue(maxsize=1)
         self.done: queue.Queue[Item | None] = queue.Queue(maxsize=2)
         self.failure: BaseException | None = None
@@ -283,12 +284,14 @@ class Agent:
                     error=f"writing the batch's output failed: {e}", mapper_caused=False
                 )
             else:
+                # Logs first: once the job is seen to end, its output is all there.
+                self._ship_logs(item.job)
                 r = self.link.call("POST", f"{base}/commit")
                 if r.status_code == 409:
                     for writer in job.writers:
                         writer.discard_part(item.job, item.plan.index, item.attempt)
                 return
-        self._ship_logs()
+        self._ship_logs(item.job)
         self.link.call(
             "POST",
             f"{base}/fail",
@@ -326,25 +329,31 @@ class Agent:
                     self.jobs.pop(job_id, None)
             self._ship_logs()
 
-    def _ship_logs(self) -> None:
-        logs = self.workdir / ".skybatch" / "logs"
-        if not logs.exists():
+    def _ship_logs(self, job: int | None = None) -> None:
+        """Send the runners' new output (of one job, or all) to the server."""
+        # Called from the heartbeat and the commit threads: one at a time, or
+        # both would send the same bytes.
+        with self.log_lock:
+            logs = self.workdir / ".skybatch" / "logs"
+            paths = [logs / f"job-{job}.log"] if job is not None else logs.glob("job-*.log")
+            for path in paths:
+                self._ship_log(path)
+
+    def _ship_log(self, path: Path) -> None:
+        job_id = int(path.stem.split("-", 1)[1])
+        sent = self.log_sent[job_id]
+        try:
+            size = path.stat().st_size
+            if size <= sent:
+                return
+            with open(path, "rb") as f:
+                f.seek(sent)
+                data = f.read(size - sent)
+        except OSError:
             return
-        for path in logs.glob("job-*.log"):
-            job_id = int(path.stem.split("-", 1)[1])
-            sent = self.log_sent[job_id]
-            try:
-                size = path.stat().st_size
-                if size <= sent:
-                    continue
-                with open(path, "rb") as f:
-                    f.seek(sent)
-                    data = f.read(size - sent)
-            except OSError:
-                continue
-            r = self.link.call("POST", f"/v1/agent/jobs/{job_id}/logs/{self.index}", content=data)
-            if r.status_code < 400:
-                self.log_sent[job_id] = sent + len(data)
+        r = self.link.call("POST", f"/v1/agent/jobs/{job_id}/logs/{self.index}", content=data)
+        if r.status_code < 400:
+            self.log_sent[job_id] = sent + len(data)
 
 
 def run_setup(link: ServerLink, worker_id: int, info: dict[str, Any], workdir: Path) -> bool:

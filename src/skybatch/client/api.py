@@ -155,13 +155,18 @@ class Client:
         return result
 
     def logs(
-        self, job_id: str, worker: int | None, offset: int, wait: float = 0
-    ) -> tuple[bytes, int, str]:
-        params: dict[str, Any] = {"offset": offset, "wait": wait}
+        self, job_id: str, worker: int | None, offsets: dict[int, int], wait: float = 0
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "offsets": ",".join(f"{w}:{o}" for w, o in offsets.items()),
+            "wait": wait,
+        }
         if worker is not None:
             params["worker"] = worker
-        r = self.request("GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=wait + 30)
-        return r.content, int(r.headers["X-Next-Offset"]), r.headers["X-Job-Status"]
+        result: dict[str, Any] = self.json(
+            "GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=wait + 30
+        )
+        return result
 
 
 class ServerUnreachable(ServerError):

@@ -16,10 +16,12 @@ from skybatch.io.base import InputReader, OutputWriter
 from skybatch.server.models import JobView
 from skybatch.states import JobStatus
 
-__all__ = ["Dataset", "Job"]
+__all__ = ["Dataset", "Job", "format_log_chunk"]
 
 #: How long a client rides out a server that went away before giving up.
 RECONNECT_WINDOW = 120.0
+#: Least time between two progress updates of a waiting client.
+PROGRESS_INTERVAL = 0.1
 
 
 class Job:
@@ -48,8 +50,9 @@ class Job:
         self.client.cancel(self.job_id)
 
     def logs(self, worker: int | None = None) -> str:
-        data, _, _ = self.client.logs(self.job_id, worker, 0)
-        return data.decode(errors="replace")
+        """The mapper's output so far; each line tagged with its worker unless one is named."""
+        reply = self.client.logs(self.job_id, worker, {})
+        return "".join(format_log_chunk(c, tag=worker is None) for c in reply["chunks"])
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> Job:
         """Block until the job ends; raise if it failed or was cancelled."""
@@ -76,6 +79,8 @@ class Job:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.job_id} is still {view['status']}")
+                # Every commit changes the job: ten updates a second are enough.
+                time.sleep(PROGRESS_INTERVAL)
         finally:
             if bar is not None:
                 bar.close()
@@ -89,6 +94,13 @@ class Job:
                 self.job_id,
             )
         return self
+
+
+def format_log_chunk(chunk: dict[str, Any], tag: bool) -> str:
+    if not tag:
+        return str(chunk["text"])
+    prefix = f"(worker-{chunk['worker']}) "
+    return "".join(prefix + line for line in str(chunk["text"]).splitlines(keepends=True))
 
 
 def _writers(output: OutputWriter | Sequence[OutputWriter]) -> list[OutputWriter]:

@@ -10,12 +10,12 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 
 import skybatch
 from skybatch import defaults
-from skybatch.errors import AuthError, SkyBatchError
+from skybatch.errors import AuthError, ConfigError, SkyBatchError
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService, job_view
 from skybatch.server.models import (
@@ -26,6 +26,8 @@ from skybatch.server.models import (
     JobView,
     LeaseRequest,
     LeaseView,
+    LogChunk,
+    LogsView,
     PoolApply,
     PoolView,
     ReduceRequest,
@@ -154,16 +156,23 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.get("/jobs/{job_id}/logs")
     async def logs(
-        job_id: int, worker: int | None = None, offset: int = 0, wait: float = 0
-    ) -> Response:
-        data, nxt = jobs.read_log(job_id, worker, offset)
-        if not data and wait > 0 and not jobs.get(job_id).status.finished:
+        job_id: int, worker: int | None = None, offsets: str = "", wait: float = 0
+    ) -> LogsView:
+        """Each worker's new output; ``offsets`` is ``worker:offset,...`` from the last answer."""
+        try:
+            seen = {int(w): int(o) for w, o in (p.split(":") for p in offsets.split(",") if p)}
+        except ValueError:
+            raise ConfigError(f"offsets must look like 0:120,1:64, got {offsets!r}") from None
+        chunks, job = jobs.read_logs(job_id, worker, seen)
+        if not any(c[1] for c in chunks) and wait > 0 and not job.status.finished:
             await ctx.notifier.wait(("log", job_id), min(wait, 60))
-            data, nxt = jobs.read_log(job_id, worker, offset)
-        return Response(
-            data,
-            media_type="application/octet-stream",
-            headers={"X-Next-Offset": str(nxt), "X-Job-Status": jobs.get(job_id).status.value},
+            chunks, job = jobs.read_logs(job_id, worker, seen)
+        return LogsView(
+            status=job.status.value,
+            chunks=[
+                LogChunk(worker=w, text=data.decode(errors="replace"), offset=nxt)
+                for w, data, nxt in chunks
+            ],
         )
 
     # -- agents ----------------------------------------------------------------------

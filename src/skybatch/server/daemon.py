@@ -197,6 +197,7 @@ def serve(home: Home) -> int:
     )
     os.replace(tmp, home.server_file)
     logging.getLogger("skybatch.server").info("serving %s on %s", home.root, url)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Long polls would hold the shutdown for their whole wait: end them first.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any
 
@@ -466,24 +465,28 @@ class JobService:
             f.write(data)
         self.ctx.notifier.notify(("log", job_id))
 
-    def read_log(self, job_id: int, worker: int | None, offset: int) -> tuple[bytes, int]:
-        """Log bytes from ``offset``; with no worker, all workers' logs, each line prefixed."""
-        self.get(job_id)
+    def read_logs(
+        self, job_id: int, worker: int | None, offsets: dict[int, int]
+    ) -> tuple[list[tuple[int, bytes, int]], JobRecord]:
+        """New log bytes per worker from the given offsets: (worker, data, next offset).
+
+        While the job runs only whole lines are returned, so a follower never
+        splits a line (or a UTF-8 character) in two.
+        """
+        job = self.get(job_id)
         root = self.ctx.home.job_log(job_id, 0).parent
-        if worker is not None:
-            path = root / f"worker-{worker}.log"
-            if not path.exists():
-                return b"", offset
+        if not root.exists():
+            return [], job
+        chunks = []
+        for path in root.glob("worker-*.log"):
+            index = int(path.stem.split("-", 1)[1])
+            if worker is not None and index != worker:
+                continue
+            offset = offsets.get(index, 0)
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read()
-            return data, offset + len(data)
-        if not root.exists():
-            return b"", 0
-        chunks = []
-        for path in sorted(root.glob("worker-*.log"), key=lambda p: int(re.sub(r"\D", "", p.name))):
-            prefix = f"({path.stem}) ".encode()
-            for line in path.read_bytes().splitlines(keepends=True):
-                chunks.append(prefix + line)
-        data = b"".join(chunks)
-        return data[offset:], len(data)
+            if not job.status.finished:
+                data = data[: data.rfind(b"\n") + 1]
+            chunks.append((index, data, offset + len(data)))
+        return sorted(chunks), job

@@ -126,5 +126,11 @@ class FailRequest(BaseModel):
 
 
 class LogChunk(BaseModel):
-    data: str
-    offset: int
+    worker: int
+    text: str
+    offset: int  # where the next read of this worker's log starts
+
+
+class LogsView(BaseModel):
+    status: str
+    chunks: list[LogChunk]
