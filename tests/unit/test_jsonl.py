@@ -60,3 +60,46 @@ def test_relative_path_is_resolved_at_construction(
     monkeypatch.chdir(tmp_path)
     assert JsonReader("data.jsonl").path == str(tmp_path / "data.jsonl")
     assert JsonReader("file:///abs/x.jsonl").path == "/abs/x.jsonl"
+
+
+def reference_plan(text: bytes, batch_size: int) -> list[tuple[int, int, int, int, int]]:
+    """The obvious line-by-line planner, as the oracle for the fast one."""
+    out, batch, pos, row = [], [], 0, 0
+    for number, line in enumerate(text.split(b"\n"), start=1):
+        end = pos + len(line) + 1
+        if line.strip():
+            batch.append((pos, end, number))
+            if len(batch) == batch_size:
+                out.append((batch[0][0], batch[-1][1], row, batch_size, batch[0][2]))
+                row += batch_size
+                batch = []
+        pos = end
+    if batch:
+        out.append((batch[0][0], min(batch[-1][1], len(text)), row, len(batch), batch[0][2]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_planner_matches_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", rng.choice([5, 64, 4096]))
+    parts = []
+    for i in range(rng.randint(0, 60)):
+        parts.append(rng.choice(["", "  ", json.dumps({"i": i, "s": "x" * rng.randint(0, 20)})]))
+    text = "\n".join(parts) + rng.choice(["", "\n", "\n\n"])
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(text.encode())
+    size = rng.randint(1, 7)
+    got = [
+        (p.start, p.end, p.row_start, p.row_count, p.line) for p in JsonReader(str(path)).plan(size)
+    ]
+    expected = reference_plan(text.encode(), size)
+    # Ends may differ only by trailing blank lines, which hold no rows.
+    assert [g[2:] for g in got] == [e[2:] for e in expected]
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert text.encode()[e[1] : g[1]].strip() == b""

@@ -69,50 +69,19 @@ class JsonReader(InputReader):
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         fs, path = storage.filesystem(self.path, self.storage_options)
-        index = 0
-        row = 0
-        line_no = 0
-        pos = 0  # byte offset of the current line's start
-        batch_start = batch_line = 0
-        in_batch = 0  # rows in the batch being built
-        last_end = 0
+        planner = _Planner(self, batch_size)
         carry = b""
         with (
             storage.translate_errors(self.path, "read input", InputError),
             fs.open(path, "rb") as f,
         ):
-            while True:
-                chunk = f.read(defaults.INDEX_CHUNK)
-                eof = not chunk
-                if eof:
-                    if not carry:
-                        break
-                    lines = [carry]
-                    carry = b""
-                else:
-                    lines = (carry + chunk).split(b"\n")
-                    carry = lines.pop()
-                for line in lines:
-                    line_no += 1
-                    size = len(line) + (0 if eof else 1)
-                    if line.strip():
-                        self._check(line, line_no)
-                        if in_batch == 0:
-                            batch_start, batch_line = pos, line_no
-                        in_batch += 1
-                        if in_batch == batch_size:
-                            yield BatchPlan(
-                                index, 0, batch_start, pos + size, row, in_batch, batch_line
-                            )
-                            index += 1
-                            row += in_batch
-                            in_batch = 0
-                    pos += size
-                    last_end = pos
-                if eof:
-                    break
-        if in_batch:
-            yield BatchPlan(index, 0, batch_start, last_end, row, in_batch, batch_line)
+            while chunk := f.read(defaults.INDEX_CHUNK):
+                lines = (carry + chunk).split(b"\n")
+                carry = lines.pop()
+                yield from planner.feed(lines, last_terminated=True)
+            if carry:
+                yield from planner.feed([carry], last_terminated=False)
+        yield from planner.finish()
 
     def _check(self, line: bytes, line_no: int) -> None:
         try:
@@ -129,6 +98,73 @@ class JsonReader(InputReader):
 
     def read(self, batch: BatchPlan) -> bytes:
         return storage.read_range(self.path, batch.start, batch.end, self.storage_options)
+
+
+class _Planner:
+    """Cuts a stream of lines into batches of ``batch_size`` rows (blank lines are no rows).
+
+    The fast path checks a whole batch's lines with one parse; only a batch that
+    fails it (a blank or malformed line) is walked line by line, which finds
+    the exact line for the error message.
+    """
+
+    def __init__(self, reader: JsonReader, batch_size: int) -> None:
+        self.reader = reader
+        self.size = batch_size
+        self.index = 0
+        self.row = 0
+        self.line_no = 0  # lines consumed so far
+        self.pos = 0  # byte offset of the next line
+        self.open: list[int] | None = None  # [start byte, first line, rows] of a batch in progress
+
+    def _emit(self, start: int, end: int, count: int, line: int) -> BatchPlan:
+        plan = BatchPlan(self.index, 0, start, end, self.row, count, line)
+        self.index += 1
+        self.row += count
+        return plan
+
+    def feed(self, lines: list[bytes], last_terminated: bool) -> Iterator[BatchPlan]:
+        i, n, size = 0, len(lines), self.size
+        while i < n:
+            if self.open is None and n - i >= size and (last_terminated or n - i > size):
+                group = lines[i : i + size]
+                if _all_objects(group):
+                    end = self.pos + sum(map(len, group)) + size
+                    yield self._emit(self.pos, end, size, self.line_no + 1)
+                    self.pos = end
+                    self.line_no += size
+                    i += size
+                    continue
+            line = lines[i]
+            start = self.pos
+            self.line_no += 1
+            self.pos += len(line) + (1 if last_terminated or i < n - 1 else 0)
+            i += 1
+            if not line.strip():
+                continue
+            self.reader._check(line, self.line_no)
+            if self.open is None:
+                self.open = [start, self.line_no, 0]
+            self.open[2] += 1
+            if self.open[2] == size:
+                start, first, count = self.open
+                self.open = None
+                yield self._emit(start, self.pos, count, first)
+
+    def finish(self) -> Iterator[BatchPlan]:
+        if self.open is not None:
+            start, first, count = self.open
+            self.open = None
+            yield self._emit(start, self.pos, count, first)
+
+
+def _all_objects(lines: list[bytes]) -> bool:
+    """Whether every line is one JSON object: one parse for the lot."""
+    try:
+        values = orjson.loads(b"[" + b",".join(lines) + b"]")
+    except orjson.JSONDecodeError:
+        return False
+    return len(values) == len(lines) and all(type(v) is dict for v in values)
 
 
 class JsonWriter(OutputWriter):

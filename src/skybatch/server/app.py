@@ -16,24 +16,18 @@ from fastapi.responses import JSONResponse
 import skybatch
 from skybatch import defaults
 from skybatch.errors import AuthError, ConfigError, SkyBatchError
+from skybatch.server.agent_api import agent_routes
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService, job_view
 from skybatch.server.models import (
-    FailRequest,
-    Heartbeat,
-    HeartbeatReply,
     JobSubmit,
     JobView,
-    LeaseRequest,
-    LeaseView,
     LogChunk,
     LogsView,
     PoolApply,
     PoolView,
     ReduceRequest,
     ReduceResult,
-    Register,
-    SetupFailed,
 )
 from skybatch.server.pools import PoolService
 
@@ -78,7 +72,8 @@ def create_app(ctx: Context) -> FastAPI:
         "/v1/health needs `Authorization: Bearer <token>` (the token file in SKYBATCH_HOME).",
     )
 
-    def require_token(authorization: str = Header(default="")) -> None:
+    async def require_token(authorization: str = Header(default="")) -> None:
+        # async: a sync dependency would cost every request a thread-pool hop
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token, ctx.token):
             raise AuthError("missing or wrong token; clients read it from SKYBATCH_HOME/token")
@@ -175,65 +170,6 @@ def create_app(ctx: Context) -> FastAPI:
             ],
         )
 
-    # -- agents ----------------------------------------------------------------------
-
-    @api.post("/agent/workers/{worker_id}/register")
-    async def register(worker_id: int, body: Register) -> dict[str, Any]:
-        return pools.register(worker_id, body.pid)
-
-    @api.post("/agent/workers/{worker_id}/ready")
-    async def ready(worker_id: int) -> dict[str, Any]:
-        pools.ready(worker_id)
-        return {"ok": True}
-
-    @api.post("/agent/workers/{worker_id}/setup-failed")
-    async def setup_failed(worker_id: int, body: SetupFailed) -> dict[str, Any]:
-        pools.setup_failed(worker_id, body.exit_code, body.output)
-        return {"ok": True}
-
-    @api.post("/agent/workers/{worker_id}/heartbeat")
-    async def heartbeat(worker_id: int, body: Heartbeat) -> HeartbeatReply:
-        return HeartbeatReply(**pools.heartbeat(worker_id, body.attempts))
-
-    @api.post("/agent/workers/{worker_id}/lease")
-    async def lease(worker_id: int, body: LeaseRequest) -> dict[str, Any]:
-        w = pools._worker(worker_id)
-        got = await jobs.lease(worker_id, w.pool, body.prefetch, body.wait)
-        if got is None:
-            return {"lease": None}
-        b = got.batch
-        view = LeaseView(
-            attempt=got.attempt,
-            job_id=got.job_id,
-            index=b.index,
-            file=b.file,
-            start=b.start,
-            end=b.end,
-            row_start=b.row_start,
-            row_count=b.row_count,
-            line=b.line,
-        )
-        return {"lease": view.model_dump()}
-
-    @api.get("/agent/jobs/{job_id}")
-    async def job_spec(job_id: int) -> dict[str, Any]:
-        job = jobs.get(job_id)
-        return {"id": job.id, "status": job.status.value, **job.spec}
-
-    @api.post("/agent/attempts/{attempt}/commit")
-    async def commit(attempt: int) -> dict[str, Any]:
-        await jobs.commit(attempt)
-        return {"ok": True}
-
-    @api.post("/agent/attempts/{attempt}/fail")
-    async def fail(attempt: int, body: FailRequest) -> dict[str, Any]:
-        await jobs.fail(attempt, body.kind, body.error, body.traceback)
-        return {"ok": True}
-
-    @api.post("/agent/jobs/{job_id}/logs/{worker_index}")
-    async def append_log(job_id: int, worker_index: int, request: Request) -> dict[str, Any]:
-        jobs.append_log(job_id, worker_index, await request.body())
-        return {"ok": True}
-
     app.include_router(api)
+    app.router.routes.extend(agent_routes(ctx, jobs, pools))
     return app

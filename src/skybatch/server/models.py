@@ -98,25 +98,8 @@ class LeaseRequest(BaseModel):
     wait: float = Field(default=defaults.LEASE_WAIT, ge=0, le=60)
 
 
-class LeaseView(BaseModel):
-    attempt: int
-    job_id: int
-    index: int
-    file: int
-    start: int
-    end: int
-    row_start: int
-    row_count: int
-    line: int
-
-
 class Heartbeat(BaseModel):
     attempts: list[int]
-
-
-class HeartbeatReply(BaseModel):
-    revoked: list[int]
-    active_jobs: list[int]
 
 
 class FailRequest(BaseModel):

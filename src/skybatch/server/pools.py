@@ -291,8 +291,7 @@ class PoolService:
         revoked = self.ctx.store.heartbeat(
             worker_id, attempts, self.ctx.clock(), defaults.LEASE_TTL
         )
-        active = [j.id for j in self.ctx.store.list_jobs(active_only=True) if j.pool == w.pool]
-        return {"revoked": revoked, "active_jobs": active}
+        return {"revoked": revoked, "active_jobs": self.ctx.store.active_job_ids(w.pool)}
 
     # -- monitoring ----------------------------------------------------------------------
 

@@ -268,6 +268,13 @@ class SqliteStore(Store):
             rows = self._all("SELECT * FROM jobs ORDER BY id")
         return [_job(r) for r in rows]
 
+    def active_job_ids(self, pool: str) -> list[int]:
+        rows = self._all(
+            "SELECT id FROM jobs WHERE pool=? AND status IN (?,?,?) ORDER BY id",
+            (pool, *_ACTIVE, JobStatus.REDUCING.value),
+        )
+        return [r[0] for r in rows]
+
     def add_batches(self, job_id: int, batches: Sequence[BatchPlan], done: bool) -> None:
         with self._tx() as db:
             db.executemany(

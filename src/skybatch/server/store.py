@@ -143,6 +143,10 @@ class Store(abc.ABC):
     def list_jobs(self, active_only: bool = False) -> list[JobRecord]: ...
 
     @abc.abstractmethod
+    def active_job_ids(self, pool: str) -> list[int]:
+        """Jobs on ``pool`` that still run or reduce (agents keep their runners)."""
+
+    @abc.abstractmethod
     def add_batches(self, job_id: int, batches: Sequence[BatchPlan], done: bool) -> None:
         """Record planned batches; ``done`` marks the end of indexing."""
 

@@ -1,0 +1,133 @@
+"""The agent protocol: register, lease, heartbeat, commit, fail, logs.
+
+These routes are on every batch's path, so they skip FastAPI's dependency
+injection and response models: plain Starlette routes, bodies validated with
+pydantic's JSON parser, answers written with orjson. They are internal (only
+agents call them) and stay out of the public OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from skybatch.errors import AuthError, ConfigError, SkyBatchError
+from skybatch.server.context import Context
+from skybatch.server.jobs import JobService
+from skybatch.server.models import FailRequest, Heartbeat, LeaseRequest, Register, SetupFailed
+from skybatch.server.pools import PoolService
+
+__all__ = ["agent_routes"]
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Request], Awaitable[Any]]
+
+_OK = orjson.dumps({"ok": True})
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def _body(request: Request, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise ConfigError(f"invalid request body: {e.errors()[0]['msg']}") from None
+
+
+def _int(request: Request, name: str) -> int:
+    try:
+        return int(request.path_params[name])
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer") from None
+
+
+def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Route]:
+    expected = f"Bearer {ctx.token}".encode()
+
+    def route(path: str, handler: Handler, method: str = "POST") -> Route:
+        async def endpoint(request: Request) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            try:
+                if not secrets.compare_digest(given, expected):
+                    raise AuthError("missing or wrong token")
+                result = await handler(request)
+            except SkyBatchError as e:
+                err = {"error": {"type": type(e).__name__, "message": str(e)}}
+                return _json(err, e.http_status)
+            return _json(_OK if result is None else result)
+
+        return Route(path, endpoint, methods=[method])
+
+    async def register(request: Request) -> Any:
+        body = await _body(request, Register)
+        return pools.register(_int(request, "worker"), body.pid)
+
+    async def ready(request: Request) -> None:
+        pools.ready(_int(request, "worker"))
+
+    async def setup_failed(request: Request) -> None:
+        body = await _body(request, SetupFailed)
+        pools.setup_failed(_int(request, "worker"), body.exit_code, body.output)
+
+    async def heartbeat(request: Request) -> Any:
+        body = await _body(request, Heartbeat)
+        return pools.heartbeat(_int(request, "worker"), body.attempts)
+
+    async def lease(request: Request) -> Any:
+        worker_id = _int(request, "worker")
+        body = await _body(request, LeaseRequest)
+        worker = pools._worker(worker_id)
+        got = await jobs.lease(worker_id, worker.pool, body.prefetch, body.wait)
+        if got is None:
+            return {"lease": None}
+        b = got.batch
+        return {
+            "lease": {
+                "attempt": got.attempt,
+                "job_id": got.job_id,
+                "index": b.index,
+                "file": b.file,
+                "start": b.start,
+                "end": b.end,
+                "row_start": b.row_start,
+                "row_count": b.row_count,
+                "line": b.line,
+            }
+        }
+
+    async def job_spec(request: Request) -> Any:
+        job = jobs.get(_int(request, "job"))
+        return {"id": job.id, "status": job.status.value, **job.spec}
+
+    async def commit(request: Request) -> None:
+        await jobs.commit(_int(request, "attempt"))
+
+    async def fail(request: Request) -> None:
+        body = await _body(request, FailRequest)
+        await jobs.fail(_int(request, "attempt"), body.kind, body.error, body.traceback)
+
+    async def append_log(request: Request) -> None:
+        jobs.append_log(_int(request, "job"), _int(request, "worker"), await request.body())
+
+    base = "/v1/agent"
+    return [
+        route(f"{base}/workers/{{worker}}/register", register),
+        route(f"{base}/workers/{{worker}}/ready", ready),
+        route(f"{base}/workers/{{worker}}/setup-failed", setup_failed),
+        route(f"{base}/workers/{{worker}}/heartbeat", heartbeat),
+        route(f"{base}/workers/{{worker}}/lease", lease),
+        route(f"{base}/jobs/{{job}}", job_spec, method="GET"),
+        route(f"{base}/attempts/{{attempt}}/commit", commit),
+        route(f"{base}/attempts/{{attempt}}/fail", fail),
+        route(f"{base}/jobs/{{job}}/logs/{{worker}}", append_log),
+    ]
