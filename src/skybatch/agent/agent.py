@@ -126,7 +126,6 @@ class Agent:
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
         self.busy = False
-        self.waiting: Item | None = None  # fetched, not yet taken by the main thread
         self.held: set[int] = set()
         self.revoked: set[int] = set()
         self.current: Item | None = None
@@ -162,9 +161,10 @@ class Agent:
                     item = self.ready.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                with self.lock:
+                with self.idle:
                     self.current = item
                     self.busy = True
+                    self.idle.notify_all()  # the fetcher may prefetch the next one now
                 try:
                     item.outcome = self._process(item)
                 finally:
@@ -198,7 +198,7 @@ class Agent:
         while not self.stop.is_set():
             with self.idle:
                 # Hold at most one batch beyond the one running.
-                while self.waiting is not None and not self.stop.is_set():
+                while not self.ready.empty() and not self.stop.is_set():
                     self.idle.wait(0.5)
                 prefetch = self.busy
             body = {"prefetch": prefetch, "wait": 0 if prefetch else defaults.LEASE_WAIT}
@@ -229,14 +229,11 @@ class Agent:
             )
             with self.lock:
                 self.held.add(item.attempt)
-                self.waiting = item
             try:
                 item.payload = self._job(item.job).reader.read(item.plan)
             except SkyBatchError as e:
                 item.read_error = str(e)
             self.ready.put(item)
-            with self.lock:
-                self.waiting = None
 
     def _process(self, item: Item) -> Outcome:
         if item.read_error is not None:

@@ -72,6 +72,7 @@ class JobService:
         self.ctx = ctx
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: dict[int, list[OutputWriter]] = {}
+        self._reducing: set[int] = set()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -361,6 +362,16 @@ class JobService:
         return self.get(job_id)
 
     async def _reduce(self, job_id: int) -> None:
+        # The last commit and the end of indexing can both see "all committed".
+        if job_id in self._reducing:
+            return
+        self._reducing.add(job_id)
+        try:
+            await self._reduce_once(job_id)
+        finally:
+            self._reducing.discard(job_id)
+
+    async def _reduce_once(self, job_id: int) -> None:
         store = self.ctx.store
         job = store.get_job(job_id)
         if job is None or job.status not in (
