@@ -89,8 +89,12 @@ def test_setup_failure_reports_output_and_blocks_jobs(
     bad.write_text("pool:\n  workers: 1\nsetup: |\n  echo installing-things\n  exit 3\n")
     with pytest.raises(skybatch.PoolError) as e:
         skybatch.pool_apply(str(bad), "p")
-    assert "setup failed on worker 0 with exit code 3" in str(e.value)
-    assert "installing-things" in str(e.value)
+    assert "setup failed on worker 0 with exit code 3 (last output: 'installing-things')" in str(
+        e.value
+    )
+    assert "\n" not in str(e.value)
+    log = deployment.root / "logs" / "pools" / "p" / "worker-0.log"
+    assert str(log) in str(e.value) and "installing-things" in log.read_text()
     assert skybatch.pool_status("p")[0].status == "FAILED"
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
     with pytest.raises(skybatch.PoolError, match="failed to set up"):

@@ -274,10 +274,10 @@ class PoolService:
 
     def setup_failed(self, worker_id: int, exit_code: int, output: str) -> None:
         w = self._worker(worker_id)
-        tail = "\n".join(output.rstrip().splitlines()[-20:])
         message = (
-            f"setup failed on worker {w.index} with exit code {exit_code}; fix `setup` in the "
-            f"pool YAML and apply it again. Last output:\n{tail}"
+            f"setup failed on worker {w.index} with exit code {exit_code} "
+            f"(last output: {_last_line(output)!r}); fix `setup` in the pool YAML and apply it "
+            f"again; full output in {self.ctx.home.worker_log(w.pool, w.index)}"
         )
         now = self.ctx.clock()
         self.ctx.store.set_worker(
@@ -328,18 +328,23 @@ class PoolService:
             key = (w.pool, w.index)
             self._early_deaths[key] += 1
             if self._early_deaths[key] >= _MAX_EARLY_DEATHS:
-                tail = _tail(self.ctx.home.worker_log(w.pool, w.index))
+                log_path = self.ctx.home.worker_log(w.pool, w.index)
                 store.set_pool_status(
                     w.pool,
                     PoolStatus.FAILED,
-                    f"worker {w.index} died {_MAX_EARLY_DEATHS} times before it was ready. "
-                    f"Last output:\n{tail}",
+                    f"worker {w.index} died {_MAX_EARLY_DEATHS} times before it was ready "
+                    f"(last output: {_last_line(_tail(log_path))!r}); see {log_path}",
                     now,
                 )
                 self.ctx.notifier.notify(("pool-status", w.pool))
                 return
         async with self._lock:
             await self._reconcile(w.pool)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
 
 
 def _tail(path: Any, limit: int = 2000) -> str:
