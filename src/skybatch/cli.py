@@ -183,6 +183,18 @@ def jobs_cancel_cmd(job_id: str) -> None:
     click.echo(f"Job {job_id} cancelled.")
 
 
+@jobs.command("resume")
+@click.argument("job_id")
+@click.option("--no-stream", is_flag=True, help="Return at once instead of following the job.")
+@_errors
+def jobs_resume_cmd(job_id: str, no_stream: bool) -> None:
+    """Run the batches a failed or cancelled job did not commit, then publish its output."""
+    from skybatch.client.dataset import Job
+
+    Job(job_id).resume(stream=not no_stream)
+    click.echo(f"Job {job_id} resumed." if no_stream else f"Job {job_id} succeeded.")
+
+
 @jobs.command("logs")
 @click.argument("job_id")
 @click.option("--worker", type=int, default=None, help="Only this worker's output.")

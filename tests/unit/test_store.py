@@ -62,6 +62,15 @@ class StoreContract:
         parts = store.committed_parts(job)
         assert [(p.batch, p.attempt) for p in parts] == [(0, fresh.attempt)]
 
+    def test_a_repeated_commit_succeeds_again(self, store: Store) -> None:
+        _, w1, _ = self.setup_job(store)
+        a = store.lease("p", w1, now=1, ttl=TTL)
+        assert a is not None
+        first = store.commit(a.attempt, now=2)
+        again = store.commit(a.attempt, now=3)
+        assert first is not None and again is not None
+        assert again.committed_batches == first.committed_batches == 1
+
     def test_heartbeat_renews_and_reports_revoked(self, store: Store) -> None:
         job, w1, _ = self.setup_job(store)
         a = store.lease("p", w1, now=1, ttl=TTL)

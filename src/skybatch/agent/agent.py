@@ -251,7 +251,13 @@ class Agent:
         assert item.payload is not None
         if item.attempt in self.revoked:
             return Outcome(error="revoked")
-        return runner.run(item.plan.index, item.plan.row_start, item.payload, len(job.writers))
+        return runner.run(
+            item.plan.index,
+            item.plan.row_start,
+            item.payload,
+            len(job.writers),
+            job.spec.get("batch_timeout"),
+        )
 
     def _commit_loop(self) -> None:
         while True:
@@ -318,7 +324,7 @@ class Agent:
                         f"batch {current.plan.index} of job {current.job} was revoked; "
                         "stopping its runner"
                     )
-                    runner.kill()
+                    runner.stop(defaults.KILL_GRACE)
             active = set(reply["active_jobs"])
             for job_id in [j for j in self.runners if j not in active]:
                 if current is None or current.job != job_id:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,13 +118,23 @@ class RunnerProcess:
     def alive(self) -> bool:
         return self.start_error is None and self.proc.poll() is None
 
-    def run(self, index: int, row_start: int, payload: bytes, nwriters: int) -> Outcome:
+    def run(
+        self, index: int, row_start: int, payload: bytes, nwriters: int, timeout: float | None
+    ) -> Outcome:
         if self.start_error is not None:
             return Outcome(error=self.start_error)
         try:
             write_frame(
                 self._to, {"type": "batch", "index": index, "row_start": row_start}, payload
             )
+            if timeout is not None and not select.select([self._from], [], [], timeout)[0]:
+                self.kill()
+                self.proc.wait()
+                return Outcome(
+                    error=f"batch {index} ran longer than batch_timeout={timeout:g}s; "
+                    "its runner was killed",
+                    traceback=_tail(self.log_path),
+                )
             msg = read_frame(self._from)
         except OSError:
             msg = None
@@ -162,6 +174,20 @@ class RunnerProcess:
         self.killed = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM now (the mapper may clean up), SIGKILL if it still runs after ``grace``."""
+        self.killed = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+        def kill_if_running() -> None:
+            if self.proc.poll() is None:
+                self.kill()
+
+        timer = threading.Timer(grace, kill_if_running)
+        timer.daemon = True
+        timer.start()
 
     def close(self, grace: float = 3.0) -> None:
         """Let the runner finish (end of input), then kill it if it lingers."""

@@ -144,6 +144,10 @@ class Client:
         result: list[dict[str, Any]] = self.json("GET", "/v1/jobs")
         return result
 
+    def resume(self, job_id: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        result: dict[str, Any] = self.json("POST", f"/v1/jobs/{job_id}/resume", json={"job": body})
+        return result
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.json("POST", f"/v1/jobs/{job_id}/cancel")
         return result

@@ -49,6 +49,13 @@ class Job:
     def cancel(self) -> None:
         self.client.cancel(self.job_id)
 
+    def resume(self, stream: bool = True) -> Job:
+        """Run the batches this failed or cancelled job did not commit, then publish."""
+        self.client.resume(self.job_id, None)
+        if stream:
+            self.wait(progress=True)
+        return self
+
     def logs(self, worker: int | None = None) -> str:
         """The mapper's output so far; each line tagged with its worker unless one is named."""
         reply = self.client.logs(self.job_id, worker, {})
@@ -90,7 +97,8 @@ class Job:
         if status is JobStatus.CANCELLED:
             raise JobCancelledError(
                 f"job {self.job_id} was cancelled ({view['error'] or 'cancelled'}); "
-                f"{view['committed_rows']} of {view['total_rows']} rows committed",
+                f"{view['committed_rows']} of {view['total_rows']} rows committed; "
+                f"finish it with `skybatch jobs resume {self.job_id}`",
                 self.job_id,
             )
         return self
@@ -138,9 +146,15 @@ class Dataset:
         overwrite: bool = False,
         max_retries: int = defaults.MAX_RETRIES,
         retry_backoff: float = defaults.RETRY_BACKOFF,
+        batch_timeout: float | None = None,
         name: str | None = None,
+        resume: str | int | None = None,
     ) -> Job:
         """Run ``mapper_fn`` over the dataset on pool ``pool_name``, ``batch_size`` rows at a time.
+
+        ``resume="42"`` runs only the batches that job 42 did not commit (with a fixed
+        mapper, say) and then publishes its complete output; the input, batch size and
+        outputs must be the same.
 
         With ``stream=True`` (the default) block with a progress bar until the job
         ends and raise :class:`JobFailedError` if it fails; with ``stream=False``
@@ -156,24 +170,32 @@ class Dataset:
             raise ConfigError(f"max_retries must be an integer of at least 0, got {max_retries!r}")
         if retry_backoff < 0:
             raise ConfigError(f"retry_backoff must be at least 0 seconds, got {retry_backoff!r}")
+        if batch_timeout is not None and (
+            isinstance(batch_timeout, bool)
+            or not isinstance(batch_timeout, (int, float))
+            or batch_timeout <= 0
+        ):
+            raise ConfigError(
+                f"batch_timeout must be a number of seconds above 0, got {batch_timeout!r}"
+            )
         if activate_env is not None and not isinstance(activate_env, str):
             raise ConfigError(f"activate_env must be a shell command, got {activate_env!r}")
         writers = _writers(output)
         client = Client.connect()
-        view = client.submit(
-            {
-                "name": name or mapper_fn.name,
-                "pool": pool_name,
-                "reader": self.reader.to_spec(),
-                "writers": [w.to_spec() for w in writers],
-                "mapper": mapper_fn.to_spec(),
-                "batch_size": batch_size,
-                "activate_env": activate_env,
-                "overwrite": overwrite,
-                "max_retries": max_retries,
-                "retry_backoff": retry_backoff,
-            }
-        )
+        body = {
+            "name": name or mapper_fn.name,
+            "pool": pool_name,
+            "reader": self.reader.to_spec(),
+            "writers": [w.to_spec() for w in writers],
+            "mapper": mapper_fn.to_spec(),
+            "batch_size": batch_size,
+            "activate_env": activate_env,
+            "overwrite": overwrite,
+            "max_retries": max_retries,
+            "retry_backoff": retry_backoff,
+            "batch_timeout": batch_timeout,
+        }
+        view = client.resume(str(resume), body) if resume is not None else client.submit(body)
         job = Job(view["id"], client)
         if stream:
             try:

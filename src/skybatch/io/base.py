@@ -87,6 +87,17 @@ class InputReader:
     def files(self) -> list[str]:
         raise NotImplementedError
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this input's content (sizes, mtimes or ETags): a resume
+        refuses an input that changed, since its batches would no longer line up."""
+        out: dict[str, Any] = {}
+        for url in self.files():
+            fs, path = storage.filesystem(url, getattr(self, "storage_options", None))
+            info = fs.info(path)
+            stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+            out[url] = [info.get("size"), str(stamp)]
+        return out
+
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         """Yield the batches in order, streaming the input with bounded memory."""
         raise NotImplementedError

@@ -28,6 +28,7 @@ from skybatch.server.models import (
     PoolView,
     ReduceRequest,
     ReduceResult,
+    ResumeRequest,
 )
 from skybatch.server.pools import PoolService
 
@@ -144,6 +145,10 @@ def create_app(ctx: Context) -> FastAPI:
     @api.post("/jobs/{job_id}/cancel")
     async def cancel(job_id: int) -> JobView:
         return job_view(await jobs.cancel(job_id))
+
+    @api.post("/jobs/{job_id}/resume")
+    async def resume(job_id: int, body: ResumeRequest) -> JobView:
+        return job_view(await jobs.resume(job_id, body.job))
 
     @api.post("/jobs/{job_id}/reduce")
     async def reduce(job_id: int, body: ReduceRequest) -> ReduceResult:

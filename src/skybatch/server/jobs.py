@@ -160,6 +160,7 @@ class JobService:
                 )
         await asyncio.to_thread(reader.validate)
         spec = req.model_dump()
+        spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
         job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock())
         try:
             await asyncio.to_thread(self._prepare, writers, job_id, req.overwrite)
@@ -172,6 +173,95 @@ class JobService:
         self._spawn(asyncio.to_thread(self._index, loop, job_id, req.pool, reader, req.batch_size))
         log.info("job %d (%s) submitted to pool %s", job_id, req.name, req.pool)
         return self.get(job_id)
+
+    async def resume(self, job_id: int, req: JobSubmit | None) -> JobRecord:
+        """Run a failed or cancelled job's missing batches, then publish its outputs."""
+        job = self.get(job_id)
+        if job.status is JobStatus.SUCCEEDED:
+            raise ConflictError(f"job {job_id} already succeeded; there is nothing to resume")
+        if not job.status.finished:
+            raise ConflictError(
+                f"job {job_id} is {job.status.value}; only a failed or cancelled job resumes"
+            )
+        spec = dict(job.spec)
+        pool_name = job.pool
+        if req is not None:
+            self._check_same_job(job, req)
+            spec.update(
+                name=req.name,
+                mapper=req.mapper.model_dump(),
+                activate_env=req.activate_env,
+                max_retries=req.max_retries,
+                retry_backoff=req.retry_backoff,
+                batch_timeout=req.batch_timeout,
+            )
+            pool_name = req.pool
+        pool = self.ctx.store.get_pool(pool_name)
+        if pool is None or pool.status is PoolStatus.FAILED:
+            raise NotFoundError(
+                f"pool {pool_name!r} is not up; apply it (`skybatch pool apply pool.yaml --pool "
+                f"{pool_name}`) and resume again"
+            )
+        reader = reader_from_spec(spec["reader"])
+        now_print = await asyncio.to_thread(reader.fingerprint)
+        if now_print != spec.get("input_fingerprint"):
+            raise ConfigError(
+                f"input {reader.describe()} changed since job {job_id} ran, so its batches no "
+                "longer line up; submit a new job instead of resuming"
+            )
+        writers = self.writers(job)
+        if job.committed_batches and not await asyncio.to_thread(
+            storage.exists, writers[0].staging_dir(job_id), writers[0].storage_options
+        ):
+            raise ConfigError(
+                f"job {job_id}'s committed results were removed (cleanup); submit a new job"
+            )
+        # A partial output written by reduce_results is replaced by the complete one.
+        spec["overwrite"] = True
+        await asyncio.to_thread(self._prepare, writers, job_id, True)
+        if not self.ctx.store.reopen_job(job_id, pool_name, spec, self.ctx.clock()):
+            raise ConflictError(f"job {job_id} changed state meanwhile; try again")
+        log.info("job %d resumed on pool %s", job_id, pool_name)
+        job = self.get(job_id)
+        if not job.indexed:
+            loop = asyncio.get_running_loop()
+            self._spawn(
+                asyncio.to_thread(
+                    self._index,
+                    loop,
+                    job_id,
+                    pool_name,
+                    reader,
+                    spec["batch_size"],
+                    job.total_batches,
+                )
+            )
+        elif job.committed_batches == job.total_batches:
+            self._spawn(self._reduce(job_id))
+        self._notify(job)
+        return job
+
+    @staticmethod
+    def _check_same_job(job: JobRecord, req: JobSubmit) -> None:
+        old = job.spec
+        if req.reader != old["reader"]:
+            raise ConfigError(
+                f"job {job.id} read {reader_from_spec(old['reader']).describe()}; resume it with "
+                "the same input, or submit a new job"
+            )
+        if req.batch_size != old["batch_size"]:
+            raise ConfigError(
+                f"job {job.id} ran with batch_size={old['batch_size']}; resume it with the same "
+                f"batch_size (got {req.batch_size}), or submit a new job"
+            )
+        old_paths = [w["path"] for w in old["writers"]]
+        if [w.get("path") for w in req.writers] != old_paths or [
+            w.get("kind") for w in req.writers
+        ] != [w["kind"] for w in old["writers"]]:
+            raise ConfigError(
+                f"job {job.id} wrote {old_paths}; resume it with the same outputs, or submit "
+                "a new job"
+            )
 
     @staticmethod
     def _prepare(writers: list[OutputWriter], job_id: int, overwrite: bool) -> None:
@@ -265,7 +355,11 @@ class JobService:
         if job is None:
             raise ConflictError(f"attempt {attempt} no longer holds its lease; discard its output")
         self._notify(job.id)
-        if job.indexed and job.committed_batches == job.total_batches:
+        if (
+            job.status in (JobStatus.PENDING, JobStatus.RUNNING)
+            and job.indexed
+            and job.committed_batches == job.total_batches
+        ):
             self._spawn(self._reduce(job.id))
 
     async def fail(self, attempt: int, kind: str, error: str, traceback: str | None) -> None:
@@ -336,6 +430,10 @@ class JobService:
         for writer in writers:
             lines.append(f'    skybatch.{writer!r}.reduce_results(job_id="{job.id}")')
             lines.append(f'    skybatch.{writer!r}.cleanup(job_id="{job.id}")')
+        lines.append(
+            f'To finish the job instead (after a fix): ds.map(..., resume="{job.id}") or '
+            f"`skybatch jobs resume {job.id}`"
+        )
         return "\n".join(lines)
 
     async def _fail(self, job_id: int, reason: str | None = None) -> None:

@@ -27,6 +27,12 @@ class JobSubmit(BaseModel):
     overwrite: bool = False
     max_retries: int = Field(default=defaults.MAX_RETRIES, ge=0)
     retry_backoff: float = Field(default=defaults.RETRY_BACKOFF, ge=0)
+    batch_timeout: float | None = Field(default=None, gt=0)
+
+
+class ResumeRequest(BaseModel):
+    #: The resubmitted job (ds.map(..., resume=...)), or None to rerun it as it was.
+    job: JobSubmit | None = None
 
 
 class JobView(BaseModel):

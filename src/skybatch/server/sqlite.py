@@ -317,6 +317,23 @@ class SqliteStore(Store):
                 )
             return True
 
+    def reopen_job(self, job_id: int, pool: str, spec: dict[str, Any], now: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status='PENDING', pool=?, spec=?, error=NULL, finished_at=NULL, "
+                "failed_batches=0, max_retries=?, retry_backoff=?, version=version+1 "
+                "WHERE id=? AND status IN ('FAILED','CANCELLED')",
+                (pool, orjson.dumps(spec), spec["max_retries"], spec["retry_backoff"], job_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "UPDATE batches SET status='PENDING', attempt=NULL, failures=0, "
+                "system_failures=0, ready_at=0 WHERE job_id=? AND status IN ('FAILED','LEASED')",
+                (job_id,),
+            )
+            return True
+
     def committed_parts(self, job_id: int) -> list[Part]:
         rows = self._all(
             "SELECT idx, committed_attempt, row_start, row_count FROM batches "
@@ -437,7 +454,17 @@ class SqliteStore(Store):
         with self._tx() as db:
             row = self._live_attempt(db, attempt)
             if row is None:
-                return None
+                # A retried commit (the answer to the first was lost, say to a server
+                # restart) must succeed again: the agent deletes the parts of a refused one.
+                done = db.execute(
+                    "SELECT a.job_id FROM attempts a JOIN batches b ON b.job_id=a.job_id "
+                    "AND b.idx=a.batch WHERE a.id=? AND a.status='COMMITTED' "
+                    "AND b.committed_attempt=a.id",
+                    (attempt,),
+                ).fetchone()
+                if done is None:
+                    return None
+                return _job(db.execute("SELECT * FROM jobs WHERE id=?", (done[0],)).fetchone())
             db.execute(
                 "UPDATE attempts SET status='COMMITTED', finished_at=? WHERE id=?", (now, attempt)
             )

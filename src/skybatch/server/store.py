@@ -161,6 +161,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def reopen_job(self, job_id: int, pool: str, spec: dict[str, Any], now: float) -> bool:
+        """Make a failed or cancelled job run again: its failed batches get fresh retries."""
+
+    @abc.abstractmethod
     def committed_parts(self, job_id: int) -> list[Part]: ...
 
     @abc.abstractmethod
@@ -190,7 +194,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def commit(self, attempt: int, now: float) -> JobRecord | None:
-        """Commit the attempt's batch if it still holds the lease; the job after, or None."""
+        """Commit the attempt's batch if it still holds the lease; the job after, or None.
+
+        Committing an attempt that already committed succeeds again (idempotent).
+        """
 
     @abc.abstractmethod
     def fail(
