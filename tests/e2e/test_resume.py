@@ -153,3 +153,54 @@ def test_batch_timeout_kills_the_runner_and_counts_as_failure(
         )
     assert "batch 0 ran longer than batch_timeout=1s; its runner was killed" in str(e.value)
     assert "failed 2 times" in str(e.value)
+
+
+@skybatch.remote_function
+def poisoned():
+    for batch in skybatch.load():
+        for item in batch:
+            if "POISON" in item["text"]:
+                raise ValueError(f"poisoned row {item['i']}")
+        skybatch.save_results([{"i": item["i"]} for item in batch])
+
+
+def test_poison_rows_are_isolated_into_the_errors_file(shared: Deployment, tmp_path: Path) -> None:
+    bad = {7, 23, 24, 61}
+    rows = [{"i": i, "text": f"POISON {i}" if i in bad else f"ok {i}"} for i in range(80)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    job = ds(data).map(
+        poisoned,
+        pool_name="pool",
+        batch_size=10,
+        max_retries=1,
+        max_failed_rows=4,
+        output=skybatch.JsonWriter(str(out)),
+        **FAST,
+    )
+    assert read_jsonl(out) == [{"i": i} for i in range(80) if i not in bad]
+    errors = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert [e["row"] for e in errors] == sorted(bad)
+    assert [e["input"] for e in errors] == [rows[i] for i in sorted(bad)]
+    assert errors[0]["error"] == "ValueError: poisoned row 7"
+    assert "raise ValueError(f\"poisoned row {item['i']}\")" in errors[0]["traceback"]
+    assert job.info().failed_rows == 4 and job.status() is skybatch.JobStatus.SUCCEEDED
+
+
+def test_too_many_poison_rows_fail_the_job(shared: Deployment, tmp_path: Path) -> None:
+    rows = [{"i": i, "text": "POISON" if i % 5 == 0 else "ok"} for i in range(20)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    errors = skybatch.JsonWriter(str(tmp_path / "bad-rows.jsonl"))
+    with pytest.raises(skybatch.JobFailedError, match=r"more than max_failed_rows=2 rows failed"):
+        ds(data).map(
+            poisoned,
+            pool_name="pool",
+            batch_size=4,
+            max_retries=0,
+            max_failed_rows=2,
+            errors=errors,
+            output=skybatch.JsonWriter(str(out)),
+            **FAST,
+        )
+    assert not out.exists() and not (tmp_path / "bad-rows.jsonl").exists()

@@ -87,7 +87,7 @@ class StoreContract:
         res = store.fail(
             a.attempt, mapper_caused=True, error="E", traceback="tb", now=10, max_system_failures=10
         )
-        assert res is not None and res[1] is False
+        assert res is not None and res[1] is None
         assert store.lease("p", w1, now=11, ttl=TTL) is None, "retry waits out its backoff"
         assert store.next_ready_at("p", now=11) == 12.0
         b = store.lease("p", w1, now=12, ttl=TTL)
@@ -100,10 +100,44 @@ class StoreContract:
             now=13,
             max_system_failures=10,
         )
-        assert res is not None and res[1] is True
+        assert res is not None and res[1] == 0, "batch 0 used up its retries"
         assert store.failed_batches(job) == [0]
         errors = [a.error for a in store.batch_attempts(job, 0)]
         assert errors == ["E", "E2"]
+
+    def test_split_and_poison_keep_the_job_countable(self, store: Store) -> None:
+        job, w1, _ = self.setup_job(store, n=2, max_retries=0)
+        a = store.lease("p", w1, now=1, ttl=TTL)
+        assert a is not None and a.batch.index == 0
+        res = store.fail(
+            a.attempt, mapper_caused=True, error="E", traceback=None, now=2, max_system_failures=10
+        )
+        assert res is not None and res[1] == 0
+        halves = [BatchPlan(0, 0, 0, 50, 0, 5, 1), BatchPlan(0, 0, 50, 100, 5, 5, 6)]
+        store.split_batch(job, 0, halves)
+        view = store.get_job(job)
+        assert view is not None and (view.total_batches, view.failed_batches) == (3, 0)
+        leased = [store.lease("p", w1, now=3, ttl=TTL) for _ in range(3)]
+        assert sorted(x.batch.row_start for x in leased if x) == [0, 5, 10]
+        for lease in leased:
+            assert lease is not None
+            if lease.batch.row_start == 0:
+                store.fail(
+                    lease.attempt,
+                    mapper_caused=True,
+                    error="E",
+                    traceback="tb",
+                    now=4,
+                    max_system_failures=10,
+                )
+                after = store.poison_batch(job, lease.batch.index, 0, '{"a": 1}', "E", "tb")
+            else:
+                store.commit(lease.attempt, now=4)
+        assert after.failed_rows == 1
+        view = store.get_job(job)
+        assert view is not None and view.committed_batches == view.total_batches == 3
+        assert [p.row_start for p in store.committed_parts(job)] == [5, 10]
+        assert store.poison_rows(job) == [(0, '{"a": 1}', "E", "tb")]
 
     def test_lost_worker_costs_no_retry(self, store: Store) -> None:
         job, w1, w2 = self.setup_job(store, n=1, max_retries=0)
@@ -156,3 +190,29 @@ class TestSqliteStore(StoreContract):
         view = again.get_job(job)
         assert view is not None and view.committed_batches == 1 and view.total_batches == 3
         again.close()
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(
+        "CREATE TABLE jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, "
+        "pool TEXT NOT NULL, status TEXT NOT NULL, spec TEXT NOT NULL, submitted_at REAL NOT NULL, "
+        "started_at REAL, finished_at REAL, total_batches INTEGER NOT NULL DEFAULT 0, "
+        "total_rows INTEGER NOT NULL DEFAULT 0, indexed INTEGER NOT NULL DEFAULT 0, "
+        "committed_batches INTEGER NOT NULL DEFAULT 0, committed_rows INTEGER NOT NULL DEFAULT 0, "
+        "failed_batches INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0, "
+        "lost INTEGER NOT NULL DEFAULT 0, error TEXT, version INTEGER NOT NULL DEFAULT 0, "
+        "max_retries INTEGER NOT NULL, retry_backoff REAL NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO jobs(name, pool, status, spec, submitted_at, max_retries, retry_backoff) "
+        "VALUES('old', 'p', 'SUCCEEDED', '{}', 0, 3, 2.0)"
+    )
+    db.commit()
+    db.close()
+    store = SqliteStore(tmp_path / "state.db")
+    job = store.get_job(1)
+    assert job is not None and job.name == "old" and job.failed_rows == 0 and job.planned == 0
+    store.close()

@@ -101,6 +101,7 @@ class JobContext:
     reader: InputReader
     writers: list[OutputWriter]
     init: dict[str, Any]
+    generation: int
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Item:
 
     attempt: int
     job: int
+    generation: int
     plan: BatchPlan
     payload: bytes | None = None
     read_error: str | None = None
@@ -184,13 +186,14 @@ class Agent:
         if self.failure is not None and not isinstance(self.failure, AgentExit):
             raise self.failure
 
-    def _job(self, job_id: int) -> JobContext:
+    def _job(self, job_id: int, generation: int) -> JobContext:
         ctx = self.jobs.get(job_id)
-        if ctx is None:
+        if ctx is None or ctx.generation != generation:
+            # New job, or resumed (maybe with a fixed mapper): fetch its spec again.
             spec = self.link.call("GET", f"/v1/agent/jobs/{job_id}").json()
             writers = [writer_from_spec(w) for w in spec["writers"]]
             init = {**spec["mapper"], "writers": [w.runner_spec() for w in writers]}
-            ctx = JobContext(spec, reader_from_spec(spec["reader"]), writers, init)
+            ctx = JobContext(spec, reader_from_spec(spec["reader"]), writers, init, generation)
             self.jobs[job_id] = ctx
         return ctx
 
@@ -217,6 +220,7 @@ class Agent:
             item = Item(
                 attempt=lease["attempt"],
                 job=lease["job_id"],
+                generation=lease["generation"],
                 plan=BatchPlan(
                     lease["index"],
                     lease["file"],
@@ -230,7 +234,7 @@ class Agent:
             with self.lock:
                 self.held.add(item.attempt)
             try:
-                item.payload = self._job(item.job).reader.read(item.plan)
+                item.payload = self._job(item.job, item.generation).reader.read(item.plan)
             except SkyBatchError as e:
                 item.read_error = str(e)
             self.ready.put(item)
@@ -238,15 +242,16 @@ class Agent:
     def _process(self, item: Item) -> Outcome:
         if item.read_error is not None:
             return Outcome(error=item.read_error)
-        job = self._job(item.job)
+        job = self._job(item.job, item.generation)
         runner = self.runners.get(item.job)
-        if runner is None or not runner.alive():
+        if runner is None or not runner.alive() or runner.generation != item.generation:
             if runner is not None:
                 runner.close(0)
             log = self.workdir / ".skybatch" / "logs" / f"job-{item.job}.log"
             runner = RunnerProcess(
                 item.job, job.init, job.spec.get("activate_env"), self.workdir, log
             )
+            runner.generation = item.generation
             self.runners[item.job] = runner
         assert item.payload is not None
         if item.attempt in self.revoked:
@@ -277,7 +282,7 @@ class Agent:
             return  # cancelled or re-leased elsewhere: nothing of it may land
         base = f"/v1/agent/attempts/{item.attempt}"
         if outcome.ok:
-            job = self._job(item.job)
+            job = self._job(item.job, item.generation)
             assert outcome.parts is not None
             try:
                 for writer, data in zip(job.writers, outcome.parts, strict=True):

@@ -73,6 +73,7 @@ class RunnerProcess:
         log_path: Path,
     ) -> None:
         self.job_id = job_id
+        self.generation = 0  # the job's generation this runner's mapper belongs to
         self.log_path = log_path
         self.killed = False
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from skybatch.client.progress import JobProgress
 from skybatch.client.remote import RemoteFunction, remote_function
 from skybatch.errors import ConfigError, JobCancelledError, JobFailedError
 from skybatch.io.base import InputReader, OutputWriter
+from skybatch.io.jsonl import JsonWriter
 from skybatch.server.models import JobView
 from skybatch.states import JobStatus
 
@@ -121,6 +123,31 @@ def _writers(output: OutputWriter | Sequence[OutputWriter]) -> list[OutputWriter
     return writers
 
 
+def _errors_writer(
+    writers: list[OutputWriter], max_failed_rows: int | None, errors: OutputWriter | None
+) -> OutputWriter | None:
+    if max_failed_rows is None:
+        if errors is not None:
+            raise ConfigError(
+                "errors= needs max_failed_rows=N; without it a failing batch fails the job"
+            )
+        return None
+    if (
+        isinstance(max_failed_rows, bool)
+        or not isinstance(max_failed_rows, int)
+        or max_failed_rows < 0
+    ):
+        raise ConfigError(
+            f"max_failed_rows must be an integer of at least 0, got {max_failed_rows!r}"
+        )
+    if errors is None:
+        root, _ = os.path.splitext(writers[0].path)
+        return JsonWriter(root + ".errors.jsonl", storage_options=writers[0].storage_options)
+    if not isinstance(errors, JsonWriter):
+        raise ConfigError(f"errors must be a skybatch.JsonWriter, got {errors!r}")
+    return errors
+
+
 class Dataset:
     """A dataset to map a function over, read by an :class:`InputReader`."""
 
@@ -147,10 +174,16 @@ class Dataset:
         max_retries: int = defaults.MAX_RETRIES,
         retry_backoff: float = defaults.RETRY_BACKOFF,
         batch_timeout: float | None = None,
+        max_failed_rows: int | None = None,
+        errors: OutputWriter | None = None,
         name: str | None = None,
         resume: str | int | None = None,
     ) -> Job:
         """Run ``mapper_fn`` over the dataset on pool ``pool_name``, ``batch_size`` rows at a time.
+
+        ``max_failed_rows=N`` isolates rows that fail every retry (by splitting their batch)
+        and writes them to ``errors`` (default ``<output>.errors.jsonl``) instead of failing
+        the job, as long as at most N rows fail.
 
         ``resume="42"`` runs only the batches that job 42 did not commit (with a fixed
         mapper, say) and then publishes its complete output; the input, batch size and
@@ -181,6 +214,7 @@ class Dataset:
         if activate_env is not None and not isinstance(activate_env, str):
             raise ConfigError(f"activate_env must be a shell command, got {activate_env!r}")
         writers = _writers(output)
+        errors = _errors_writer(writers, max_failed_rows, errors)
         client = Client.connect()
         body = {
             "name": name or mapper_fn.name,
@@ -194,6 +228,8 @@ class Dataset:
             "max_retries": max_retries,
             "retry_backoff": retry_backoff,
             "batch_timeout": batch_timeout,
+            "max_failed_rows": max_failed_rows,
+            "errors": errors.to_spec() if errors is not None else None,
         }
         view = client.resume(str(resume), body) if resume is not None else client.submit(body)
         job = Job(view["id"], client)

@@ -106,6 +106,10 @@ class InputReader:
         """The payload of one batch, read from storage with a ranged read."""
         raise NotImplementedError
 
+    def split(self, batch: BatchPlan) -> list[BatchPlan]:
+        """Two halves of a batch (to isolate failing rows); indices are set by the caller."""
+        raise NotImplementedError
+
 
 class OutputWriter:
     """Base class of output formats. Subclasses set ``kind`` and implement the methods."""

@@ -99,6 +99,26 @@ class JsonReader(InputReader):
     def read(self, batch: BatchPlan) -> bytes:
         return storage.read_range(self.path, batch.start, batch.end, self.storage_options)
 
+    def split(self, batch: BatchPlan) -> list[BatchPlan]:
+        data = self.read(batch)
+        want = batch.row_count // 2
+        pos, rows, line = 0, 0, batch.line
+        for raw in data.split(b"\n"):
+            size = len(raw) + 1
+            if raw.strip():
+                rows += 1
+            pos += size
+            line += 1
+            if rows == want:
+                break
+        cut = batch.start + pos
+        return [
+            BatchPlan(0, batch.file, batch.start, cut, batch.row_start, want, batch.line),
+            BatchPlan(
+                0, batch.file, cut, batch.end, batch.row_start + want, batch.row_count - want, line
+            ),
+        ]
+
 
 class _Planner:
     """Cuts a stream of lines into batches of ``batch_size`` rows (blank lines are no rows).

@@ -101,6 +101,7 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
                 "end": b.end,
                 "row_start": b.row_start,
                 "row_count": b.row_count,
+                "generation": got.generation,
                 "line": b.line,
             }
         }

@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+import orjson
+
 from skybatch import defaults
 from skybatch.errors import (
     ConfigError,
@@ -53,6 +55,7 @@ def job_view(job: JobRecord) -> JobView:
         lost=job.lost,
         error=job.error,
         version=job.version,
+        failed_rows=job.failed_rows,
         outputs=[w["path"] for w in job.spec["writers"]],
     )
 
@@ -120,7 +123,7 @@ class JobService:
                         job.pool,
                         reader,
                         job.spec["batch_size"],
-                        job.total_batches,
+                        job.planned,
                     )
                 )
 
@@ -162,8 +165,9 @@ class JobService:
         spec = req.model_dump()
         spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
         job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock())
+        errors = [writer_from_spec(req.errors)] if req.errors else []
         try:
-            await asyncio.to_thread(self._prepare, writers, job_id, req.overwrite)
+            await asyncio.to_thread(self._prepare, writers + errors, job_id, req.overwrite)
         except BaseException:
             await asyncio.to_thread(self._cleanup, writers, job_id)
             store.delete_job(job_id)
@@ -233,7 +237,7 @@ class JobService:
                     pool_name,
                     reader,
                     spec["batch_size"],
-                    job.total_batches,
+                    job.planned,
                 )
             )
         elif job.committed_batches == job.total_batches:
@@ -374,14 +378,53 @@ class JobService:
         if res is None:
             raise ConflictError(f"attempt {attempt} no longer holds its lease")
         job, exhausted = res
-        if exhausted:
-            await self._fail(job.id)
+        if exhausted is not None:
+            await self._exhausted(job.id, exhausted)
         # Waiting lease requests recompute when the retried batch becomes ready.
         self._notify(job)
 
-    async def handle_exhausted(self, job_ids: list[int]) -> None:
-        for job_id in job_ids:
+    async def handle_exhausted(self, batches: list[tuple[int, int]]) -> None:
+        for job_id, batch in batches:
+            await self._exhausted(job_id, batch)
+
+    async def _exhausted(self, job_id: int, batch: int) -> None:
+        """A batch used up its retries: fail the job, or (max_failed_rows) hunt the poison rows."""
+        job = self.ctx.store.get_job(job_id)
+        if job is None or job.status.finished:
+            return
+        limit = job.spec.get("max_failed_rows")
+        plan = self.ctx.store.batch_plan(job_id, batch)
+        if limit is None or plan is None:
             await self._fail(job_id)
+            return
+        reader = reader_from_spec(job.spec["reader"])
+        if plan.row_count > 1:
+            halves = await asyncio.to_thread(reader.split, plan)
+            self.ctx.store.split_batch(job_id, batch, halves)
+            log.info(
+                "job %d: batch %d split in %d to isolate failing rows", job_id, batch, len(halves)
+            )
+            self._notify(job)
+            return
+        raw = await asyncio.to_thread(reader.read, plan)
+        failures = [a for a in self.ctx.store.batch_attempts(job_id, batch) if a.error]
+        last = failures[-1] if failures else None
+        job = self.ctx.store.poison_batch(
+            job_id,
+            batch,
+            plan.row_start,
+            raw.decode(errors="replace").strip(),
+            last.error if last and last.error else "failed",
+            last.traceback if last else None,
+        )
+        if job.failed_rows > limit:
+            await self._fail(
+                job_id,
+                f"job {job_id} ({job.name}) failed: more than max_failed_rows={limit} rows "
+                f"failed (the last, row {plan.row_start}: {last.error if last else 'failed'})",
+            )
+            return
+        await self._after_progress(job_id)
 
     async def _after_progress(self, job_id: int) -> None:
         job = self.get(job_id)
@@ -503,9 +546,8 @@ class JobService:
         self.ctx.store.set_job_status(job.id, JobStatus.FAILED, self.ctx.clock(), message)
         self._notify(job)
 
-    @staticmethod
     def _publish(
-        job: JobRecord, writers: list[OutputWriter], parts: list[Part], overwrite: bool
+        self, job: JobRecord, writers: list[OutputWriter], parts: list[Part], overwrite: bool
     ) -> None:
         """Stage every output, then publish them all: no output appears unless all can."""
         staged = []
@@ -517,12 +559,28 @@ class JobService:
                         "to replace it"
                     )
                 staged.append(w.stage(job.id, parts))
+            if job.spec.get("errors"):
+                staged.append(self._stage_errors(job))
         except BaseException:
             for s in staged:
                 s.discard()
             raise
         for s in staged:
             s.publish()
+
+    def _stage_errors(self, job: JobRecord) -> storage.StagedFile:
+        """The errors output: one line per poison row, with its input and its failure."""
+        errors = writer_from_spec(job.spec["errors"])
+        staged = storage.StagedFile(errors.path, errors.storage_options)
+        with staged.open() as out:
+            for row, data, error, tb in self.ctx.store.poison_rows(job.id):
+                try:
+                    value = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    value = data
+                record = {"row": row, "input": value, "error": error, "traceback": tb}
+                out.write(orjson.dumps(record) + b"\n")
+        return staged
 
     async def reduce_partial(self, job_id: int, writer_spec: dict[str, Any]) -> dict[str, Any]:
         """Write what a finished job committed to one of its outputs; say what is missing."""

@@ -28,6 +28,8 @@ class JobSubmit(BaseModel):
     max_retries: int = Field(default=defaults.MAX_RETRIES, ge=0)
     retry_backoff: float = Field(default=defaults.RETRY_BACKOFF, ge=0)
     batch_timeout: float | None = Field(default=None, gt=0)
+    max_failed_rows: int | None = Field(default=None, ge=0)
+    errors: dict[str, Any] | None = None
 
 
 class ResumeRequest(BaseModel):
@@ -53,6 +55,7 @@ class JobView(BaseModel):
     lost: int
     error: str | None
     version: int
+    failed_rows: int = 0
     outputs: list[str]
 
 

@@ -200,7 +200,7 @@ class PoolService:
                 for w in workers
             )
         )
-        exhausted: list[int] = []
+        exhausted: list[tuple[int, int]] = []
         for w in workers:
             exhausted += store.release_worker(
                 w.id,

@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS jobs(
   committed_batches INTEGER NOT NULL DEFAULT 0, committed_rows INTEGER NOT NULL DEFAULT 0,
   failed_batches INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0,
   lost INTEGER NOT NULL DEFAULT 0, error TEXT, version INTEGER NOT NULL DEFAULT 0,
-  max_retries INTEGER NOT NULL, retry_backoff REAL NOT NULL);
+  max_retries INTEGER NOT NULL, retry_backoff REAL NOT NULL,
+  planned INTEGER NOT NULL DEFAULT 0, splits INTEGER NOT NULL DEFAULT 0,
+  failed_rows INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(pool, id) WHERE status IN ('PENDING','RUNNING');
 CREATE TABLE IF NOT EXISTS batches(
   job_id INTEGER NOT NULL, idx INTEGER NOT NULL, file INTEGER NOT NULL,
@@ -61,7 +63,21 @@ CREATE TABLE IF NOT EXISTS attempts(
 CREATE INDEX IF NOT EXISTS attempts_live ON attempts(expires_at) WHERE status='LEASED';
 CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id) WHERE status='LEASED';
 CREATE INDEX IF NOT EXISTS attempts_batch ON attempts(job_id, batch);
+CREATE TABLE IF NOT EXISTS poison(
+  job_id INTEGER NOT NULL, row INTEGER NOT NULL, input TEXT NOT NULL, error TEXT NOT NULL,
+  traceback TEXT, PRIMARY KEY(job_id, row)) WITHOUT ROWID;
 """
+
+#: Columns added after the first schema: (table, column, declaration), applied in order.
+_ADDED_COLUMNS = [
+    ("jobs", "planned", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "splits", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "failed_rows", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "generation", "INTEGER NOT NULL DEFAULT 0"),
+]
+
+#: Batches made by splitting a failed batch get indices from here up, clear of planned ones.
+SPLIT_BASE = 1_000_000_000
 
 _ACTIVE = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 
@@ -86,6 +102,8 @@ def _job(row: sqlite3.Row) -> JobRecord:
         lost=row["lost"],
         error=row["error"],
         version=row["version"],
+        planned=row["planned"],
+        failed_rows=row["failed_rows"],
     )
 
 
@@ -127,6 +145,14 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns newer versions introduced to a database made by an older one."""
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -286,9 +312,9 @@ class SqliteStore(Store):
                 ],
             )
             db.execute(
-                "UPDATE jobs SET total_batches=total_batches+?, total_rows=total_rows+?, "
-                "indexed=?, version=version+1 WHERE id=?",
-                (len(batches), sum(b.row_count for b in batches), int(done), job_id),
+                "UPDATE jobs SET total_batches=total_batches+?, planned=planned+?, "
+                "total_rows=total_rows+?, indexed=?, version=version+1 WHERE id=?",
+                (len(batches), len(batches), sum(b.row_count for b in batches), int(done), job_id),
             )
 
     def set_job_status(
@@ -321,7 +347,8 @@ class SqliteStore(Store):
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET status='PENDING', pool=?, spec=?, error=NULL, finished_at=NULL, "
-                "failed_batches=0, max_retries=?, retry_backoff=?, version=version+1 "
+                "failed_batches=0, max_retries=?, retry_backoff=?, version=version+1, "
+                "generation=generation+1 "
                 "WHERE id=? AND status IN ('FAILED','CANCELLED')",
                 (pool, orjson.dumps(spec), spec["max_retries"], spec["retry_backoff"], job_id),
             )
@@ -334,10 +361,66 @@ class SqliteStore(Store):
             )
             return True
 
+    def split_batch(self, job_id: int, batch: int, halves: Sequence[BatchPlan]) -> None:
+        with self._tx() as db:
+            splits = db.execute("SELECT splits FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+            db.execute(
+                "UPDATE batches SET status='SPLIT' WHERE job_id=? AND idx=? AND status='FAILED'",
+                (job_id, batch),
+            )
+            db.executemany(
+                "INSERT INTO batches(job_id, idx, file, start, end, row_start, row_count, line, "
+                "status) VALUES(?,?,?,?,?,?,?,?,'PENDING')",
+                [
+                    (
+                        job_id,
+                        SPLIT_BASE + splits + k,
+                        h.file,
+                        h.start,
+                        h.end,
+                        h.row_start,
+                        h.row_count,
+                        h.line,
+                    )
+                    for k, h in enumerate(halves)
+                ],
+            )
+            db.execute(
+                "UPDATE jobs SET splits=splits+?, total_batches=total_batches+?, "
+                "failed_batches=failed_batches-1, version=version+1 WHERE id=?",
+                (len(halves), len(halves) - 1, job_id),
+            )
+
+    def poison_batch(
+        self, job_id: int, batch: int, row: int, data: str, error: str, traceback: str | None
+    ) -> JobRecord:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET status='POISONED' WHERE job_id=? AND idx=?", (job_id, batch)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO poison(job_id, row, input, error, traceback) "
+                "VALUES(?,?,?,?,?)",
+                (job_id, row, data, error, traceback),
+            )
+            db.execute(
+                "UPDATE jobs SET failed_rows=failed_rows+1, failed_batches=failed_batches-1, "
+                "committed_batches=committed_batches+1, version=version+1 WHERE id=?",
+                (job_id,),
+            )
+            return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def poison_rows(self, job_id: int) -> list[tuple[int, str, str, str | None]]:
+        rows = self._all(
+            "SELECT row, input, error, traceback FROM poison WHERE job_id=? ORDER BY row",
+            (job_id,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
     def committed_parts(self, job_id: int) -> list[Part]:
         rows = self._all(
             "SELECT idx, committed_attempt, row_start, row_count FROM batches "
-            "WHERE job_id=? AND status='COMMITTED' ORDER BY idx",
+            "WHERE job_id=? AND status='COMMITTED' ORDER BY row_start",
             (job_id,),
         )
         return [Part(r[0], r[1], r[2], r[3]) for r in rows]
@@ -411,7 +494,10 @@ class SqliteStore(Store):
                 "UPDATE workers SET last_job=?, last_seen=? WHERE id=?", (job_id, now, worker_id)
             )
             assert job_id is not None
-            return Lease(attempt, job_id, BatchPlan(*b), expires)
+            generation = db.execute("SELECT generation FROM jobs WHERE id=?", (job_id,)).fetchone()[
+                0
+            ]
+            return Lease(attempt, job_id, BatchPlan(*b), expires, generation)
 
     def next_ready_at(self, pool: str, now: float) -> float | None:
         row = self._one(
@@ -543,7 +629,7 @@ class SqliteStore(Store):
         traceback: str | None,
         now: float,
         max_system_failures: int,
-    ) -> tuple[JobRecord, bool] | None:
+    ) -> tuple[JobRecord, int | None] | None:
         with self._tx() as db:
             row = self._live_attempt(db, attempt)
             if row is None:
@@ -560,11 +646,11 @@ class SqliteStore(Store):
                 max_system_failures=max_system_failures,
             )
             job = db.execute("SELECT * FROM jobs WHERE id=?", (row["job_id"],)).fetchone()
-            return _job(job), failed
+            return _job(job), row["batch"] if failed else None
 
     def _release(
         self, db: sqlite3.Connection, attempts: list[int], reason: str, now: float, cap: int
-    ) -> list[int]:
+    ) -> list[tuple[int, int]]:
         exhausted = []
         for attempt in attempts:
             row = self._live_attempt(db, attempt)
@@ -586,12 +672,12 @@ class SqliteStore(Store):
                 now=now,
                 max_system_failures=cap,
             ):
-                exhausted.append(row["job_id"])
+                exhausted.append((row["job_id"], row["batch"]))
         return exhausted
 
     def release_worker(
         self, worker_id: int, reason: str, now: float, max_system_failures: int
-    ) -> list[int]:
+    ) -> list[tuple[int, int]]:
         with self._tx() as db:
             ids = [
                 r[0]
@@ -601,7 +687,9 @@ class SqliteStore(Store):
             ]
             return self._release(db, ids, reason, now, max_system_failures)
 
-    def expire_leases(self, now: float, max_system_failures: int) -> tuple[set[str], list[int]]:
+    def expire_leases(
+        self, now: float, max_system_failures: int
+    ) -> tuple[set[str], list[tuple[int, int]]]:
         with self._tx() as db:
             rows = db.execute(
                 "SELECT a.id, j.pool FROM attempts a JOIN jobs j ON j.id=a.job_id "

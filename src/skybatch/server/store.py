@@ -61,6 +61,8 @@ class JobRecord:
     lost: int
     error: str | None
     version: int
+    planned: int = 0  # batches the indexer made (splits add more to total_batches)
+    failed_rows: int = 0  # rows isolated as poison (max_failed_rows)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Lease:
     job_id: int
     batch: BatchPlan
     expires_at: float
+    #: Bumped by each resume: agents drop what they cached of the job (its mapper).
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,20 @@ class Store(abc.ABC):
         """Make a failed or cancelled job run again: its failed batches get fresh retries."""
 
     @abc.abstractmethod
+    def split_batch(self, job_id: int, batch: int, halves: Sequence[BatchPlan]) -> None:
+        """Replace a failed batch by smaller ones with fresh retries (poison row search)."""
+
+    @abc.abstractmethod
+    def poison_batch(
+        self, job_id: int, batch: int, row: int, data: str, error: str, traceback: str | None
+    ) -> JobRecord:
+        """Give up on a one-row batch: record its row as poison; the job goes on."""
+
+    @abc.abstractmethod
+    def poison_rows(self, job_id: int) -> list[tuple[int, str, str, str | None]]:
+        """(row, input, error, traceback) of the job's poison rows, in row order."""
+
+    @abc.abstractmethod
     def committed_parts(self, job_id: int) -> list[Part]: ...
 
     @abc.abstractmethod
@@ -209,15 +227,18 @@ class Store(abc.ABC):
         traceback: str | None,
         now: float,
         max_system_failures: int,
-    ) -> tuple[JobRecord, bool] | None:
-        """Record a failed attempt; (job, batch exhausted its retries), or None if stale."""
+    ) -> tuple[JobRecord, int | None] | None:
+        """Record a failed attempt: (job, the batch if it exhausted its retries), or None
+        if the attempt no longer held its lease."""
 
     @abc.abstractmethod
     def release_worker(
         self, worker_id: int, reason: str, now: float, max_system_failures: int
-    ) -> list[int]:
-        """Put back the leases of a worker that is gone; the jobs whose batches ran out."""
+    ) -> list[tuple[int, int]]:
+        """Put back the leases of a worker that is gone; (job, batch) of those that ran out."""
 
     @abc.abstractmethod
-    def expire_leases(self, now: float, max_system_failures: int) -> tuple[set[str], list[int]]:
-        """Put back expired leases; (pools with new work, jobs whose batches ran out)."""
+    def expire_leases(
+        self, now: float, max_system_failures: int
+    ) -> tuple[set[str], list[tuple[int, int]]]:
+        """Put back expired leases; (pools with new work, (job, batch) of those that ran out)."""
