@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Deployment, script
+from tests.conftest import REPO, Deployment
 
-POOL_YAML = """\
-pool:
-  workers: 2
-resources:
-  cpus: 1+
-setup: echo "Setup complete!"
-"""
-
-MY_SCRIPT = """\
-import skybatch
-
-ds = skybatch.Dataset(skybatch.JsonReader("data.jsonl"))
-
-@skybatch.remote_function
-def double_text():
-    for batch in skybatch.load():
-        skybatch.save_results([{"output": item["text"] * 2} for item in batch])
-
-ds.map(double_text, pool_name="my-pool", batch_size=2, output=skybatch.JsonWriter("out.jsonl"))
-"""
+EXAMPLE = REPO / "examples" / "quickstart"
 
 
 def test_quickstart_through_the_cli(deployment: Deployment, tmp_path: Path) -> None:
-    (tmp_path / "pool.yaml").write_text(POOL_YAML)
-    (tmp_path / "data.jsonl").write_text(
-        '{"text": "hello"}\n{"text": "world"}\n{"text": "sky"}\n{"text": "batch"}\n'
-    )
-    script(tmp_path / "my_script.py", MY_SCRIPT)
+    # The example's own files, as a user copies them.
+    for name in ("pool.yaml", "data.jsonl", "my_script.py"):
+        shutil.copy(EXAMPLE / name, tmp_path / name)
     proc = deployment.cli("pool", "apply", "pool.yaml", "--pool", "my-pool", "-y", cwd=tmp_path)
     assert "Pool 'my-pool' is READY: 2/2 workers ready." in proc.stdout
     run = subprocess.run(

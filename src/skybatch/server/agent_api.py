@@ -86,7 +86,7 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
     async def lease(request: Request) -> Any:
         worker_id = _int(request, "worker")
         body = await _body(request, LeaseRequest)
-        worker = pools._worker(worker_id)
+        worker = pools.live_worker(worker_id)
         got = await jobs.lease(worker_id, worker.pool, body.prefetch, body.wait)
         if got is None:
             return {"lease": None}

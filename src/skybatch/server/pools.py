@@ -245,14 +245,14 @@ class PoolService:
 
     # -- agents --------------------------------------------------------------------------
 
-    def _worker(self, worker_id: int) -> WorkerRecord:
+    def live_worker(self, worker_id: int) -> WorkerRecord:
         w = self.ctx.store.get_worker(worker_id)
         if w is None or not w.status.live:
             raise ConflictError(f"worker {worker_id} is not part of a live pool; exit")
         return w
 
     def register(self, worker_id: int, pid: int) -> dict[str, Any]:
-        w = self._worker(worker_id)
+        w = self.live_worker(worker_id)
         pool = self.get(w.pool)
         spec = PoolSpec.model_validate(pool.spec)
         status = WorkerStatus.READY if w.status is WorkerStatus.READY else WorkerStatus.SETTING_UP
@@ -266,14 +266,14 @@ class PoolService:
         }
 
     def ready(self, worker_id: int) -> None:
-        w = self._worker(worker_id)
+        w = self.live_worker(worker_id)
         self.ctx.store.set_worker(worker_id, status=WorkerStatus.READY, now=self.ctx.clock())
         self._early_deaths.pop((w.pool, w.index), None)
         self._update_status(w.pool)
         self.ctx.notifier.notify(("pool", w.pool))
 
     def setup_failed(self, worker_id: int, exit_code: int, output: str) -> None:
-        w = self._worker(worker_id)
+        w = self.live_worker(worker_id)
         message = (
             f"setup failed on worker {w.index} with exit code {exit_code} "
             f"(last output: {_last_line(output)!r}); fix `setup` in the pool YAML and apply it "
@@ -287,7 +287,7 @@ class PoolService:
         self.ctx.notifier.notify(("pool-status", w.pool))
 
     def heartbeat(self, worker_id: int, attempts: list[int]) -> dict[str, Any]:
-        w = self._worker(worker_id)
+        w = self.live_worker(worker_id)
         revoked = self.ctx.store.heartbeat(
             worker_id, attempts, self.ctx.clock(), defaults.LEASE_TTL
         )
