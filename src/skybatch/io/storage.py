@@ -116,13 +116,6 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None) -
         fs.pipe_file(path, data)
 
 
-def read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
-    fs, path = filesystem(url, storage_options)
-    with translate_errors(url, "read", OutputError):
-        data: bytes = fs.cat_file(path)
-        return data
-
-
 def exists(url: str, storage_options: dict[str, Any] | None) -> bool:
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, "check", OutputError):

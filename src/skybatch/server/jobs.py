@@ -60,14 +60,13 @@ def job_view(job: JobRecord) -> JobView:
     )
 
 
-def _ranges(indices: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i in indices:
-        if out and out[-1][1] == i - 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return out
+def _ready_to_reduce(job: JobRecord) -> bool:
+    """Every batch is indexed and done (committed, or poisoned) while the job runs."""
+    return (
+        job.status in (JobStatus.PENDING, JobStatus.RUNNING)
+        and job.indexed
+        and job.committed_batches == job.total_batches
+    )
 
 
 class JobService:
@@ -109,9 +108,7 @@ class JobService:
         """After a restart: finish reduces under way, and indexing cut short."""
         loop = asyncio.get_running_loop()
         for job in self.ctx.store.list_jobs(active_only=True):
-            if job.status is JobStatus.REDUCING or (
-                job.indexed and job.committed_batches == job.total_batches
-            ):
+            if job.status is JobStatus.REDUCING or _ready_to_reduce(job):
                 self._spawn(self._reduce(job.id))
             elif not job.indexed:
                 reader = reader_from_spec(job.spec["reader"])
@@ -240,7 +237,7 @@ class JobService:
                     job.planned,
                 )
             )
-        elif job.committed_batches == job.total_batches:
+        elif _ready_to_reduce(job):
             self._spawn(self._reduce(job_id))
         self._notify(job)
         return job
@@ -337,9 +334,6 @@ class JobService:
             if prefetch and self.ctx.notifier.waiting(key):
                 return None
             now = self.ctx.clock()
-            worker = store.get_worker(worker_id)
-            if worker is None or not worker.status.live:
-                raise ConflictError(f"worker {worker_id} is not part of a live pool; exit")
             lease = store.lease(pool, worker_id, now, defaults.LEASE_TTL)
             if lease is not None:
                 self.ctx.notifier.notify(("job", lease.job_id))
@@ -353,17 +347,17 @@ class JobService:
             if timeout <= 0 or self.ctx.notifier.closed:
                 return None
             await self.ctx.notifier.wait(key, timeout)
+            # The route checked the worker; a long wait may have outlived it.
+            worker = store.get_worker(worker_id)
+            if worker is None or not worker.status.live:
+                raise ConflictError(f"worker {worker_id} is not part of a live pool; exit")
 
     async def commit(self, attempt: int) -> None:
         job = self.ctx.store.commit(attempt, self.ctx.clock())
         if job is None:
             raise ConflictError(f"attempt {attempt} no longer holds its lease; discard its output")
         self._notify(job.id)
-        if (
-            job.status in (JobStatus.PENDING, JobStatus.RUNNING)
-            and job.indexed
-            and job.committed_batches == job.total_batches
-        ):
+        if _ready_to_reduce(job):
             self._spawn(self._reduce(job.id))
 
     async def fail(self, attempt: int, kind: str, error: str, traceback: str | None) -> None:
@@ -429,11 +423,7 @@ class JobService:
     async def _after_progress(self, job_id: int) -> None:
         job = self.get(job_id)
         self._notify(job)
-        if (
-            job.status in (JobStatus.PENDING, JobStatus.RUNNING)
-            and job.indexed
-            and (job.committed_batches == job.total_batches)
-        ):
+        if _ready_to_reduce(job):
             await self._reduce(job_id)
 
     # -- ending a job ------------------------------------------------------------------
