@@ -21,8 +21,13 @@ import pytest
 from skybatch.client.api import close_clients
 from skybatch.config import Home
 from skybatch.server.daemon import read_server_info, stop_server
+from tests.storage_servers import GcsServer, S3Server, fake_gcs, seaweedfs
 
 REPO = Path(__file__).resolve().parent.parent
+
+# gcsfs reads this when imported (by any process: the tests, the server, agents):
+# without it every bucket of the GCS emulator hangs 60 s on a namespace probe.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def wait_for(
@@ -139,6 +144,31 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     with deployment_at(tmp_path_factory.mktemp("shared") / "home") as d:
         d.pool("pool", workers=3)
         yield d
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS for the session; the AWS environment variables point at it, so
+    deployments started afterwards find it through the standard credential chain."""
+    with (
+        seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        for key, value in server.env().items():
+            mp.setenv(key, value)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    """fake-gcs-server for the session, found through ``STORAGE_EMULATOR_HOST``."""
+    with (
+        fake_gcs(tmp_path_factory.mktemp("fake-gcs")) as server,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        for key, value in server.env().items():
+            mp.setenv(key, value)
+        yield server
 
 
 @pytest.fixture

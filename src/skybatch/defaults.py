@@ -25,6 +25,8 @@ ORPHAN_TIMEOUT = 600.0
 
 #: Bytes the indexer reads from the input per chunk.
 INDEX_CHUNK = 4 * 1024 * 1024
+#: Decompressed bytes per scratch chunk of a compressed input (see JsonReader).
+SPILL_CHUNK = 8 * 1024 * 1024
 #: Batches the indexer hands to the scheduler at once (workers start before it ends).
 INDEX_FLUSH_BATCHES = 64
 

@@ -103,3 +103,91 @@ def test_fast_planner_matches_reference(
     assert [g[0] for g in got] == [e[0] for e in expected]
     for g, e in zip(got, expected, strict=True):
         assert text.encode()[e[1] : g[1]].strip() == b""
+
+
+def test_directory_input_reads_files_in_sorted_order_without_spanning_them(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "shards"
+    (data / "sub").mkdir(parents=True)
+    (data / "b.jsonl").write_text('{"i": 3}\n{"i": 4}\n{"i": 5}\n')
+    (data / "a.jsonl").write_text('{"i": 0}\n{"i": 1}\n{"i": 2}\n')
+    (data / "sub" / "c.jsonl").write_text('{"i": 6}\n')
+    (data / "_SUCCESS").write_text("")
+    (data / ".a.jsonl.crc").write_text("junk")
+    reader = JsonReader(str(data))
+    reader.validate()
+    assert reader.files() == [
+        str(data / "a.jsonl"),
+        str(data / "b.jsonl"),
+        str(data / "sub/c.jsonl"),
+    ]
+    plans = list(reader.plan(2))
+    # Each file's last batch may be short: batches never span two files.
+    assert [(p.file, p.row_start, p.row_count, p.line) for p in plans] == [
+        (0, 0, 2, 1), (0, 2, 1, 3), (1, 3, 2, 1), (1, 5, 1, 3), (2, 6, 1, 1)
+    ]  # fmt: skip
+    assert [r["i"] for b in rows_of(reader, 2) for r in b] == list(range(7))
+    # The resolved list travels in the spec, so agents read the same files.
+    assert JsonReader.from_spec(reader.to_spec()).files() == reader.files()
+
+
+def test_glob_and_empty_inputs(tmp_path: Path) -> None:
+    (tmp_path / "x1.jsonl").write_text('{"i": 1}\n')
+    (tmp_path / "x2.txt").write_text('{"i": 2}\n')
+    reader = JsonReader(str(tmp_path / "x*.jsonl"))
+    reader.validate()
+    assert reader.files() == [str(tmp_path / "x1.jsonl")]
+    with pytest.raises(InputError, match=r"no input files match .*/y\*\.jsonl; check the pattern"):
+        JsonReader(str(tmp_path / "y*.jsonl")).validate()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty is a directory with no files in it"):
+        JsonReader(str(tmp_path / "empty")).validate()
+
+
+def test_compressed_input_is_spilled_in_chunks_of_whole_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+
+    monkeypatch.setattr(defaults, "SPILL_CHUNK", 100)
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", 64)
+    rows = [{"i": i, "pad": "p" * (i % 5)} for i in range(40)]
+    text = "".join(json.dumps(r) + "\n" + ("\n" if i == 10 else "") for i, r in enumerate(rows))
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "e.jsonl").write_text('{"i": 40}\n')
+    reader = JsonReader(str(tmp_path))
+    reader.validate()
+    assert reader.uses_scratch()
+    reader.scratch = str(tmp_path / "scratch")
+    plans = list(reader.plan(3))
+    gz, plain = [p for p in plans if p.file < 0], [p for p in plans if p.file >= 0]
+    assert len(gz) == 14 and len(plain) == 1
+    chunks = sorted((tmp_path / "scratch").iterdir())
+    # Chunks of at least SPILL_CHUNK bytes, each holding whole batches.
+    assert len(chunks) == len({p.file for p in gz}) > 1
+    assert all(len(c.read_bytes()) >= 100 for c in chunks[:-1])
+    got = [r["i"] for b in rows_of(reader, 3) for r in b]
+    assert got == list(range(41))
+    # Line numbers are the compressed file's own (a blank line after row 10).
+    assert [p.line for p in gz[3:5]] == [10, 14]
+    # Splitting a spilled batch (to isolate a poison row) reads the chunk too.
+    halves = reader.split(gz[4])
+    assert [json.loads(line)["i"] for h in halves for line in reader.read(h).splitlines()
+            if line.strip()] == [12, 13, 14]  # fmt: skip
+    reader.cleanup()
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_malformed_line_in_a_compressed_file_names_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2}\n\n[1]\n'))
+    reader = JsonReader(str(path))
+    reader.validate()
+    reader.scratch = str(tmp_path / "scratch")
+    with pytest.raises(InputError, match=r"d.jsonl.gz line 4: expected a JSON object"):
+        list(reader.plan(10))

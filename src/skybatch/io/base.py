@@ -54,6 +54,8 @@ class Part:
 
 
 _READERS: dict[str, type[InputReader]] = {}
+#: Keys of fsspec's ``info`` that change when an object's content does, best first.
+_STAMPS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
 _WRITERS: dict[str, type[OutputWriter]] = {}
 
 
@@ -63,6 +65,9 @@ class InputReader:
     kind: ClassVar[str] = ""
     #: How the runner decodes what ``read`` returns.
     payload_format: ClassVar[str] = "jsonl"
+    #: Where :meth:`plan` may store data workers read (a compressed input's
+    #: plain lines); chosen by the server at submit, beside the first output.
+    scratch: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,9 +99,16 @@ class InputReader:
         for url in self.files():
             fs, path = storage.filesystem(url, getattr(self, "storage_options", None))
             info = fs.info(path)
-            stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+            stamp = next((info[k] for k in _STAMPS if info.get(k)), "")
             out[url] = [info.get("size"), str(stamp)]
         return out
+
+    def uses_scratch(self) -> bool:
+        """Whether :meth:`plan` stores data in ``self.scratch`` (set by the server)."""
+        return False
+
+    def cleanup(self) -> None:
+        """Remove what :meth:`plan` stored in the scratch area."""
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         """Yield the batches in order, streaming the input with bounded memory."""
@@ -143,11 +155,13 @@ class OutputWriter:
 
     # -- staging -------------------------------------------------------------------
 
+    def staging_root(self, job_id: int | str) -> str:
+        """``<output dir>/.skybatch/<job>``: the job's staging area beside this output."""
+        return storage.join(storage.dirname(self.path), ".skybatch", str(job_id))
+
     def staging_dir(self, job_id: int) -> str:
         """``<output dir>/.skybatch/<job>/<output name>``: parts live beside the output."""
-        return storage.join(
-            storage.dirname(self.path), ".skybatch", str(job_id), storage.basename(self.path)
-        )
+        return storage.join(self.staging_root(job_id), storage.basename(self.path))
 
     def part_path(self, job_id: int, batch: int, attempt: int) -> str:
         # Attempt ids in the name fence zombies: a late writer never overwrites a
@@ -171,7 +185,7 @@ class OutputWriter:
     def cleanup(self, job_id: int | str) -> None:
         """Remove the job's staging area (its parts). The final output stays."""
         area = storage.join(storage.dirname(self.path), ".skybatch")
-        storage.remove_tree(storage.join(area, str(job_id)), self.storage_options)
+        storage.remove_tree(self.staging_root(job_id), self.storage_options)
         if storage.is_local(area):
             with contextlib.suppress(OSError):
                 os.rmdir(area)  # only if no other job stages beside this output

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import posixpath
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
+import fsspec
+import fsspec.core
+import fsspec.utils
 import orjson
 
 from skybatch import defaults
@@ -28,10 +33,18 @@ def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
 
 
 class JsonReader(InputReader):
-    """Reads a JSONL file: one JSON object per line, each line one row.
+    """Reads JSON Lines: one JSON object per line, each line one row.
 
-    Blank lines are not rows. Batches are byte ranges found by one streaming
-    pass on the server; each worker reads only its batches' ranges.
+    ``path`` is one file, a directory or prefix (every file under it whose
+    name does not start with ``.`` or ``_``), or a glob such as
+    ``s3://bucket/prompts/*.jsonl``; several files are read in sorted order as
+    one dataset. Blank lines are not rows. Batches are byte ranges found by one
+    streaming pass on the server; each worker reads only its batches' ranges.
+
+    Compressed files (``.gz``, ``.bz2``, ``.zst``, ...) cannot be range-read:
+    the server decompresses them once while indexing and stores the plain
+    lines in chunks of about :data:`~skybatch.defaults.SPILL_CHUNK` bytes in
+    a scratch area beside the first output, which workers then range-read.
     """
 
     kind = "jsonl"
@@ -39,65 +52,129 @@ class JsonReader(InputReader):
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
         if not isinstance(path, str) or not path:
             raise TypeError("JsonReader(path): path must be a non-empty string")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError("JsonReader(storage_options=...): expected a dict")
         self.path = storage.resolve(path)
         self.storage_options = storage_options
+        # Set on the server at submit and carried in the spec to the agents, so
+        # every process sees the same file list and scratch area.
+        self._files: list[str] | None = None
+        self.scratch: str | None = None
 
     def __repr__(self) -> str:
         return f"JsonReader({self.path!r})"
 
     def to_spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": self.path, "storage_options": self.storage_options}
+        spec: dict[str, Any] = {
+            "kind": self.kind,
+            "path": self.path,
+            "storage_options": self.storage_options,
+        }
+        if self._files is not None:
+            spec["_files"] = self._files
+        if self.scratch is not None:
+            spec["_scratch"] = self.scratch
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> JsonReader:
-        return cls(spec["path"], spec.get("storage_options"))
+        reader = cls(spec["path"], spec.get("storage_options"))
+        reader._files = spec.get("_files")
+        reader.scratch = spec.get("_scratch")
+        return reader
 
     def describe(self) -> str:
         return self.path
 
     def files(self) -> list[str]:
-        return [self.path]
+        if self._files is None:
+            self._files = self._expand()
+        return self._files
 
     def validate(self) -> None:
+        self._files = self._expand()
+
+    def fingerprint(self) -> dict[str, Any]:
+        # Expand afresh: a shard added to the prefix since submit is a change too.
+        saved, self._files = self._files, None
+        try:
+            return super().fingerprint()
+        finally:
+            self._files = saved
+
+    def uses_scratch(self) -> bool:
+        return any(_compression(url) for url in self.files())
+
+    def _expand(self) -> list[str]:
         fs, path = storage.filesystem(self.path, self.storage_options)
-        with storage.translate_errors(self.path, "read input", InputError):
-            info = fs.info(path)
-        if info.get("type") == "directory":
-            raise InputError(
-                f"cannot read input {self.path}: it is a directory; name a .jsonl file"
+        if fsspec.core.has_magic(path):
+            with storage.translate_errors(self.path, "list input", InputError):
+                found = fs.glob(path, detail=True)
+            names = sorted(p for p, info in found.items() if info.get("type") != "directory")
+            if not names:
+                storage.check_bucket(self.path, self.storage_options, InputError)
+                raise InputError(f"no input files match {self.path}; check the pattern")
+        else:
+            info = storage.check_readable_location(self.path, self.storage_options)
+            if info.get("type") != "directory":
+                return [self.path]
+            with storage.translate_errors(self.path, "list input", InputError):
+                found = fs.find(path, detail=True)
+            names = sorted(
+                p
+                for p, info in found.items()
+                if info.get("type") != "directory"
+                and not posixpath.basename(p).startswith((".", "_"))
             )
+            if not names:
+                raise InputError(
+                    f"input {self.path} is a directory with no files in it; name a .jsonl "
+                    "file, a directory of them, or a glob such as data/*.jsonl"
+                )
+        if storage.is_local(self.path):
+            return names
+        return [fs.unstrip_protocol(p) for p in names]
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
-        fs, path = storage.filesystem(self.path, self.storage_options)
-        planner = _Planner(self, batch_size)
-        carry = b""
-        with (
-            storage.translate_errors(self.path, "read input", InputError),
-            fs.open(path, "rb") as f,
-        ):
-            while chunk := f.read(defaults.INDEX_CHUNK):
-                lines = (carry + chunk).split(b"\n")
-                carry = lines.pop()
-                yield from planner.feed(lines, last_terminated=True)
-            if carry:
-                yield from planner.feed([carry], last_terminated=False)
-        yield from planner.finish()
+        planner = _Planner(batch_size)
+        spiller = _Spill(self) if self.uses_scratch() else None
+        for number, url in enumerate(self.files()):
+            planner.start_file(number, url)
+            # Plain files are range-read in place; only compressed ones are spilled.
+            spill = spiller if _compression(url) else None
+            carry = b""
+            with (
+                storage.translate_errors(url, "read input", InputError),
+                storage.open_stream(url, self.storage_options, _compression(url)) as f,
+            ):
+                while chunk := f.read(defaults.INDEX_CHUNK):
+                    if spill is not None:
+                        spill.add(chunk)
+                    lines = (carry + chunk).split(b"\n")
+                    carry = lines.pop()
+                    plans = planner.feed(lines, last_terminated=True)
+                    yield from spill.place(plans) if spill is not None else plans
+                if carry:
+                    plans = planner.feed([carry], last_terminated=False)
+                    yield from spill.place(plans) if spill is not None else plans
+            plans = planner.finish()
+            yield from spill.place(plans, last=True) if spill is not None else plans
 
-    def _check(self, line: bytes, line_no: int) -> None:
-        try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            raise InputError(
-                f"{self.path} line {line_no}: not valid JSON ({e}); fix or remove the line"
-            ) from None
-        if not isinstance(value, dict):
-            raise InputError(
-                f"{self.path} line {line_no}: expected a JSON object such as "
-                f'{{"text": "..."}}, got {type(value).__name__}; each line must be one object'
-            )
+    def _url(self, file: int) -> str:
+        if file >= 0:
+            return self.files()[file]
+        if self.scratch is None:
+            raise InputError(f"{self.path}: batch refers to a scratch chunk, but none is set")
+        return _Spill.chunk_url(self.scratch, -file - 1)
 
     def read(self, batch: BatchPlan) -> bytes:
-        return storage.read_range(self.path, batch.start, batch.end, self.storage_options)
+        return storage.read_range(
+            self._url(batch.file), batch.start, batch.end, self.storage_options
+        )
+
+    def cleanup(self) -> None:
+        if self.scratch is not None:
+            storage.remove_tree(self.scratch, self.storage_options)
 
     def split(self, batch: BatchPlan) -> list[BatchPlan]:
         data = self.read(batch)
@@ -120,6 +197,76 @@ class JsonReader(InputReader):
         ]
 
 
+def _compression(url: str) -> str | None:
+    return fsspec.utils.infer_compression(url)
+
+
+def _check(url: str, line: bytes, line_no: int) -> None:
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise InputError(
+            f"{url} line {line_no}: not valid JSON ({e}); fix or remove the line"
+        ) from None
+    if not isinstance(value, dict):
+        raise InputError(
+            f"{url} line {line_no}: expected a JSON object such as "
+            f'{{"text": "..."}}, got {type(value).__name__}; each line must be one object'
+        )
+
+
+class _Spill:
+    """Stores a compressed input's plain lines in chunks of whole batches.
+
+    The planner's offsets are offsets in the decompressed stream; a chunk holds
+    the bytes of consecutive batches, and its batches are re-addressed to it
+    (``file = -(chunk + 1)``, offsets relative to the chunk). A batch is handed
+    out only once its chunk is stored, so no worker reads a missing chunk.
+    """
+
+    def __init__(self, reader: JsonReader) -> None:
+        if reader.scratch is None:
+            raise InputError(f"{reader.path} is compressed, but no scratch area was set")
+        self.reader = reader
+        storage.makedirs(reader.scratch, reader.storage_options)
+        self.buf = bytearray()
+        self.base = 0  # stream offset of buf[0]
+        self.pending: list[BatchPlan] = []
+        self.chunk = 0
+
+    @staticmethod
+    def chunk_url(scratch: str, chunk: int) -> str:
+        return storage.join(scratch, f"{chunk:08d}.jsonl")
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+
+    def place(self, plans: Iterable[BatchPlan], last: bool = False) -> Iterator[BatchPlan]:
+        for plan in plans:
+            self.pending.append(plan)
+            if plan.end - self.base >= defaults.SPILL_CHUNK:
+                yield from self._flush(plan.end)
+        if last:
+            if self.pending:
+                yield from self._flush(self.pending[-1].end)
+            # The next file's offsets start at 0 again.
+            self.buf.clear()
+            self.base = 0
+
+    def _flush(self, end: int) -> Iterator[BatchPlan]:
+        first = self.pending[0].start
+        data = bytes(self.buf[first - self.base : end - self.base])
+        url = self.chunk_url(self.reader.scratch or "", self.chunk)
+        storage.write_atomic(url, data, self.reader.storage_options)
+        file = -(self.chunk + 1)
+        for p in self.pending:
+            yield replace(p, file=file, start=p.start - first, end=p.end - first)
+        del self.buf[: end - self.base]
+        self.base = end
+        self.pending = []
+        self.chunk += 1
+
+
 class _Planner:
     """Cuts a stream of lines into batches of ``batch_size`` rows (blank lines are no rows).
 
@@ -128,22 +275,32 @@ class _Planner:
     the exact line for the error message.
     """
 
-    def __init__(self, reader: JsonReader, batch_size: int) -> None:
-        self.reader = reader
+    def __init__(self, batch_size: int) -> None:
         self.size = batch_size
         self.index = 0
         self.row = 0
-        self.line_no = 0  # lines consumed so far
-        self.pos = 0  # byte offset of the next line
+        self.file = 0
+        self.url = ""
+        self.line_no = 0  # lines of the current file consumed so far
+        self.pos = 0  # byte offset of the next line in the current file
         self.open: list[int] | None = None  # [start byte, first line, rows] of a batch in progress
 
+    def start_file(self, file: int, url: str) -> None:
+        """Batches never span files: each file's last batch may be short."""
+        self.file, self.url = file, url
+        self.line_no = self.pos = 0
+        self.open = None
+
     def _emit(self, start: int, end: int, count: int, line: int) -> BatchPlan:
-        plan = BatchPlan(self.index, 0, start, end, self.row, count, line)
+        plan = BatchPlan(self.index, self.file, start, end, self.row, count, line)
         self.index += 1
         self.row += count
         return plan
 
-    def feed(self, lines: list[bytes], last_terminated: bool) -> Iterator[BatchPlan]:
+    def feed(self, lines: list[bytes], last_terminated: bool) -> list[BatchPlan]:
+        return list(self._feed(lines, last_terminated))
+
+    def _feed(self, lines: list[bytes], last_terminated: bool) -> Iterator[BatchPlan]:
         i, n, size = 0, len(lines), self.size
         while i < n:
             if self.open is None and n - i >= size and (last_terminated or n - i > size):
@@ -162,7 +319,7 @@ class _Planner:
             i += 1
             if not line.strip():
                 continue
-            self.reader._check(line, self.line_no)
+            _check(self.url, line, self.line_no)
             if self.open is None:
                 self.open = [start, self.line_no, 0]
             self.open[2] += 1
@@ -171,11 +328,12 @@ class _Planner:
                 self.open = None
                 yield self._emit(start, self.pos, count, first)
 
-    def finish(self) -> Iterator[BatchPlan]:
-        if self.open is not None:
-            start, first, count = self.open
-            self.open = None
-            yield self._emit(start, self.pos, count, first)
+    def finish(self) -> list[BatchPlan]:
+        if self.open is None:
+            return []
+        start, first, count = self.open
+        self.open = None
+        return [self._emit(start, self.pos, count, first)]
 
 
 def _all_objects(lines: list[bytes]) -> bool:
@@ -241,15 +399,13 @@ class JsonWriter(OutputWriter):
 
     def stage(self, job_id: int, parts: Sequence[Part]) -> storage.StagedFile:
         staged = storage.StagedFile(self.path, self.storage_options)
-        fs, _ = storage.filesystem(self.path, self.storage_options)
         try:
             with staged.open() as out:
                 for part in parts:
                     url = self.part_path(job_id, part.batch, part.attempt)
-                    part_path = storage.filesystem(url, self.storage_options)[1]
                     with (
                         storage.translate_errors(url, "read part", OutputError),
-                        fs.open(part_path, "rb") as src,
+                        storage.open_stream(url, self.storage_options) as src,
                     ):
                         shutil.copyfileobj(src, out, 1024 * 1024)
         except BaseException:

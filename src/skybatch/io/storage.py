@@ -11,7 +11,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -20,17 +20,46 @@ from skybatch.errors import InputError, OutputError, SkyBatchError
 
 __all__ = [
     "StagedFile",
+    "check_readable_location",
+    "check_writable",
     "filesystem",
     "is_local",
+    "is_object_store",
     "join",
     "read_range",
     "resolve",
     "translate_errors",
 ]
 
+#: The pip extra that brings each scheme's fsspec backend.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+#: Schemes whose writes are multipart uploads that complete only on commit.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+#: Size of the first multipart parts when publishing to an object store: the
+#: server's memory per output being published is a few parts (the cloud
+#: libraries copy each part two or three times on its way out). Every 1,000
+#: parts the size doubles, so S3's limit of 10,000 parts is never reached.
+PART_SIZE = 8 * 1024 * 1024
+PARTS_PER_SIZE = 1000
+#: Bytes fetched per request by a sequential pass over an object (index, reduce).
+READ_BLOCK = 4 * 1024 * 1024
+
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_object_store(url: str) -> bool:
+    return protocol(url) in _OBJECT_STORES
+
+
+def bucket_of(url: str) -> str:
+    """``s3://bucket/key`` -> ``bucket``."""
+    return url.split("://", 1)[1].split("/", 1)[0]
 
 
 def resolve(url: str) -> str:
@@ -50,9 +79,15 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     """The fsspec filesystem for ``url`` and the path within it."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as e:
-        scheme = url.split("://", 1)[0]
-        raise SkyBatchError(f"cannot open {url}: no storage backend for {scheme}:// ({e})") from e
+    except ImportError as e:
+        scheme = protocol(url)
+        extra = _EXTRAS.get(scheme)
+        how = f"pip install 'skybatch[{extra}]'" if extra else f"({e})"
+        raise SkyBatchError(
+            f"cannot open {url}: {scheme}:// support is not installed; {how}"
+        ) from None
+    except (ValueError, TypeError) as e:
+        raise SkyBatchError(f"cannot open {url}: {e}") from None
     return fs, path
 
 
@@ -82,8 +117,15 @@ def translate_errors(url: str, action: str, error: type[SkyBatchError]) -> Itera
     except SkyBatchError:
         raise
     except FileNotFoundError as e:
-        raise error(f"cannot {action} {url}: no such file or directory") from e
+        what = "no such key" if is_object_store(url) else "no such file or directory"
+        raise error(f"cannot {action} {url}: {what}") from e
     except PermissionError as e:
+        if is_object_store(url):
+            raise error(
+                f"cannot {action} {url}: access denied; check the credentials "
+                "(storage_options or the cloud's environment variables) and the bucket's "
+                "permissions"
+            ) from e
         raise error(f"cannot {action} {url}: permission denied") from e
     except IsADirectoryError as e:
         raise error(f"cannot {action} {url}: it is a directory") from e
@@ -91,6 +133,17 @@ def translate_errors(url: str, action: str, error: type[SkyBatchError]) -> Itera
         raise error(f"cannot {action} {url}: a parent is not a directory") from e
     except OSError as e:
         raise error(f"cannot {action} {url}: {e.strerror or e}") from e
+    except Exception as e:
+        # Cloud SDKs raise their own types (botocore's EndpointConnectionError, ...).
+        name = type(e).__name__
+        if "Connect" in name or "Endpoint" in name:
+            raise error(
+                f"cannot {action} {url}: cannot reach the storage endpoint ({e}); check "
+                "endpoint_url in storage_options or the cloud's environment variables"
+            ) from e
+        if "Credential" in name or "Auth" in name:
+            raise error(f"cannot {action} {url}: no usable credentials ({e})") from e
+        raise error(f"cannot {action} {url}: {name}: {e}") from e
 
 
 def read_range(url: str, start: int, end: int, storage_options: dict[str, Any] | None) -> bytes:
@@ -104,6 +157,22 @@ def read_range(url: str, start: int, end: int, storage_options: dict[str, Any] |
     with translate_errors(url, "read", InputError):
         data: bytes = fs.cat_file(path, start=start, end=end)
         return data
+
+
+def open_stream(
+    url: str, storage_options: dict[str, Any] | None, compression: str | None = None
+) -> IO[bytes]:
+    """``url`` opened for one sequential pass with bounded memory.
+
+    fsspec's object-store files default to 50 MB read-ahead blocks, several
+    copies of which a pass holds at once; small blocks keep the indexer and
+    the reduce to a few megabytes whatever the object's size.
+    """
+    fs, path = filesystem(url, storage_options)
+    f: IO[bytes] = fs.open(
+        path, "rb", block_size=READ_BLOCK, cache_type="readahead", compression=compression
+    )
+    return f
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None) -> None:
@@ -123,6 +192,8 @@ def exists(url: str, storage_options: dict[str, Any] | None) -> bool:
 
 
 def makedirs(url: str, storage_options: dict[str, Any] | None) -> None:
+    if is_object_store(url):
+        return  # no directories in object stores; and s3fs would create a missing bucket
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, "create", OutputError):
         fs.makedirs(path, exist_ok=True)
@@ -140,30 +211,103 @@ def remove_file(url: str, storage_options: dict[str, Any] | None) -> None:
         fs.rm_file(path)
 
 
+def check_bucket(
+    url: str, storage_options: dict[str, Any] | None, error: type[SkyBatchError]
+) -> None:
+    """Fail with "bucket does not exist" rather than a vaguer "no such key"."""
+    if not is_object_store(url):
+        return
+    fs, _ = filesystem(url, storage_options)
+    bucket = bucket_of(url)
+    with translate_errors(f"{protocol(url)}://{bucket}", "open bucket", error):
+        try:
+            if protocol(url) in ("s3", "s3a"):
+                fs.call_s3("head_bucket", Bucket=bucket)  # s3fs's exists() hides errors
+            else:
+                fs.info(bucket)  # not ls: listing a big bucket takes many requests
+        except FileNotFoundError:
+            raise error(
+                f"bucket {bucket!r} of {url} does not exist; create it or fix the URL"
+            ) from None
+
+
+def check_readable_location(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """``fs.info`` of an input URL, failing with one line saying what is wrong."""
+    fs, path = filesystem(url, storage_options)
+    with translate_errors(url, "read input", InputError):
+        try:
+            return fs.info(path)
+        except FileNotFoundError:
+            check_bucket(url, storage_options, InputError)
+            raise
+
+
 def check_writable(url: str, storage_options: dict[str, Any] | None) -> None:
-    """Fail now, with the reason, if an output at ``url`` could not be written."""
+    """Fail now, with the reason, if an output at ``url`` could not be written.
+
+    On an object store this checks the bucket exists and writes and deletes a
+    probe object, which proves the credentials may write there.
+    """
+    check_bucket(url, storage_options, OutputError)
     parent = dirname(url)
     makedirs(parent, storage_options)
     probe = join(parent, f".skybatch-probe-{uuid.uuid4().hex}")
     write_bytes(probe, b"", storage_options)
-    remove_file(probe, storage_options)
+    with translate_errors(url, "delete a probe object beside", OutputError):
+        remove_file(probe, storage_options)
+
+
+def write_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None) -> None:
+    """Write ``url`` so that a concurrent reader sees the old or the new content, never half."""
+    if is_local(url):
+        tmp = f"{url}.{uuid.uuid4().hex}.tmp"
+        with translate_errors(url, "write", OutputError):
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, url)
+        return
+    write_bytes(url, data, storage_options)  # an object PUT is atomic
+
+
+class _GrowingParts:
+    """Writes to an fsspec upload, doubling its part size every PARTS_PER_SIZE parts."""
+
+    def __init__(self, upload: Any) -> None:
+        self.upload = upload
+        self.written = 0
+        self.grow_at = PARTS_PER_SIZE * upload.blocksize
+
+    def write(self, data: bytes) -> int:
+        n: int = self.upload.write(data)
+        self.written += len(data)
+        if self.written >= self.grow_at:
+            self.upload.blocksize *= 2
+            self.grow_at = self.written + PARTS_PER_SIZE * self.upload.blocksize
+        return n
 
 
 class StagedFile:
     """A file written in full out of sight, then published at ``url`` in one step.
 
     Two phases so that several outputs of one job publish together: every
-    writer stages, and only when all staged does any publish. Local files are
-    renamed into place; other filesystems get a temporary object moved over
-    (object stores get a true multipart publish with the cloud-storage work).
+    writer stages, and only when all staged does any publish.
+
+    - Local files are written to a temporary name and renamed into place.
+    - Object stores (S3, GCS, Azure) get one multipart (resumable) upload to
+      the final key, with parts of :data:`PART_SIZE` sent as they fill, so
+      memory stays bounded; ``publish`` completes the upload, and until then
+      readers see no object (or the previous one). ``discard`` aborts it.
+    - Other filesystems get a temporary file moved over the final path.
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
         self.url = url
         self.storage_options = storage_options
         self.fs, self.path = filesystem(url, storage_options)
+        self.multipart = is_object_store(url)
         self.tmp = join(dirname(url), f".{basename(url)}.skybatch-{uuid.uuid4().hex}.tmp")
         self._tmp_path = filesystem(self.tmp, storage_options)[1]
+        self._upload: Any = None
 
     @contextlib.contextmanager
     def open(self) -> Iterator[IO[bytes]]:
@@ -171,6 +315,10 @@ class StagedFile:
             if isinstance(self.fs, LocalFileSystem):
                 with open(self.tmp, "wb") as f:
                     yield f
+            elif self.multipart:
+                self._upload = self.fs.open(self.path, "wb", autocommit=False, block_size=PART_SIZE)
+                yield cast(IO[bytes], _GrowingParts(self._upload))
+                self._upload.close()  # sends the last part; commit() completes the upload
             else:
                 with self.fs.open(self._tmp_path, "wb") as f:
                     yield f
@@ -179,9 +327,20 @@ class StagedFile:
         with translate_errors(self.url, "publish", OutputError):
             if isinstance(self.fs, LocalFileSystem):
                 os.replace(self.tmp, self.url)
+            elif self.multipart:
+                self._upload.commit()
+                self.fs.invalidate_cache(self.path)
             else:
                 self.fs.mv(self._tmp_path, self.path)
 
     def discard(self) -> None:
+        if self.multipart:
+            upload, self._upload = self._upload, None
+            if upload is not None:
+                with contextlib.suppress(Exception):
+                    upload.discard()
+                # A file object left open would complete the upload when collected.
+                upload.closed = True
+            return
         with contextlib.suppress(OSError):
             self.fs.rm_file(self._tmp_path)

@@ -60,6 +60,11 @@ def job_view(job: JobRecord) -> JobView:
     )
 
 
+def _user_spec(reader_spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored reader spec without what the server added (``_files``, ``_scratch``)."""
+    return {k: v for k, v in reader_spec.items() if not k.startswith("_")}
+
+
 def _ready_to_reduce(job: JobRecord) -> bool:
     """Every batch is indexed and done (committed, or poisoned) while the job runs."""
     return (
@@ -162,11 +167,16 @@ class JobService:
         spec = req.model_dump()
         spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
         job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock())
+        if await asyncio.to_thread(reader.uses_scratch):
+            # Inside the first output's staging area: removed with the job's parts.
+            reader.scratch = storage.join(writers[0].staging_root(job_id), ".input")
+        spec["reader"] = reader.to_spec()  # with the resolved file list and scratch area
+        store.set_job_spec(job_id, spec)
         errors = [writer_from_spec(req.errors)] if req.errors else []
         try:
             await asyncio.to_thread(self._prepare, writers + errors, job_id, req.overwrite)
         except BaseException:
-            await asyncio.to_thread(self._cleanup, writers, job_id)
+            await asyncio.to_thread(self._cleanup, writers, job_id, reader)
             store.delete_job(job_id)
             raise
         self._writers[job_id] = writers
@@ -217,6 +227,13 @@ class JobService:
             raise ConfigError(
                 f"job {job_id}'s committed results were removed (cleanup); submit a new job"
             )
+        if reader.scratch and not await asyncio.to_thread(
+            storage.exists, reader.scratch, getattr(reader, "storage_options", None)
+        ):
+            raise ConfigError(
+                f"job {job_id}'s decompressed input was removed with its staging area "
+                "(nothing had committed); submit a new job"
+            )
         # A partial output written by reduce_results is replaced by the complete one.
         spec["overwrite"] = True
         await asyncio.to_thread(self._prepare, writers, job_id, True)
@@ -245,7 +262,7 @@ class JobService:
     @staticmethod
     def _check_same_job(job: JobRecord, req: JobSubmit) -> None:
         old = job.spec
-        if req.reader != old["reader"]:
+        if req.reader != _user_spec(old["reader"]):
             raise ConfigError(
                 f"job {job.id} read {reader_from_spec(old['reader']).describe()}; resume it with "
                 "the same input, or submit a new job"
@@ -270,7 +287,14 @@ class JobService:
             w.prepare(job_id, overwrite)
 
     @staticmethod
-    def _cleanup(writers: list[OutputWriter], job_id: int) -> None:
+    def _cleanup(
+        writers: list[OutputWriter], job_id: int, reader: InputReader | None = None
+    ) -> None:
+        if reader is not None:
+            try:
+                reader.cleanup()
+            except Exception as e:
+                log.warning("cleanup of %s for job %d failed: %s", reader.describe(), job_id, e)
         for w in writers:
             try:
                 w.cleanup(job_id)
@@ -480,7 +504,9 @@ class JobService:
         self._notify(job)
         if not job.committed_batches:
             # Nothing to recover: leave no staging area behind.
-            await asyncio.to_thread(self._cleanup, self.writers(job), job_id)
+            await asyncio.to_thread(
+                self._cleanup, self.writers(job), job_id, reader_from_spec(job.spec["reader"])
+            )
 
     async def cancel(self, job_id: int, reason: str = "cancelled") -> JobRecord:
         job = self.get(job_id)
@@ -528,7 +554,9 @@ class JobService:
         store.set_job_status(job_id, JobStatus.SUCCEEDED, self.ctx.clock())
         self._writers.pop(job_id, None)
         self._notify(job)
-        await asyncio.to_thread(self._cleanup, writers, job_id)
+        await asyncio.to_thread(
+            self._cleanup, writers, job_id, reader_from_spec(job.spec["reader"])
+        )
         log.info("job %d succeeded", job_id)
 
     async def _fail_reduce(self, job: JobRecord, message: str) -> None:

@@ -274,6 +274,10 @@ class SqliteStore(Store):
             assert cur.lastrowid is not None
             return cur.lastrowid
 
+    def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET spec=? WHERE id=?", (orjson.dumps(spec), job_id))
+
     def delete_job(self, job_id: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM batches WHERE job_id=?", (job_id,))

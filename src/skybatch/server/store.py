@@ -137,6 +137,10 @@ class Store(abc.ABC):
     def create_job(self, name: str, pool: str, spec: dict[str, Any], now: float) -> int: ...
 
     @abc.abstractmethod
+    def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
+        """Replace a pending job's spec (the server completes it once the id exists)."""
+
+    @abc.abstractmethod
     def delete_job(self, job_id: int) -> None:
         """Forget a job that never started (its submission was refused)."""
 
