@@ -191,3 +191,15 @@ def test_malformed_line_in_a_compressed_file_names_file_and_line(
     reader.scratch = str(tmp_path / "scratch")
     with pytest.raises(InputError, match=r"d.jsonl.gz line 4: expected a JSON object"):
         list(reader.plan(10))
+
+
+def test_fingerprint_sees_a_shard_added_since_submit(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"i": 1}\n')
+    reader = JsonReader(str(tmp_path))
+    reader.validate()
+    at_submit = reader.fingerprint()
+    assert list(at_submit) == [str(tmp_path / "a.jsonl")]
+    # At resume the server rebuilds the reader from its spec and lists afresh.
+    assert JsonReader.from_spec(reader.to_spec()).fingerprint() == at_submit
+    (tmp_path / "b.jsonl").write_text('{"i": 2}\n')
+    assert JsonReader.from_spec(reader.to_spec()).fingerprint() != at_submit

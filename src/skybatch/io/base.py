@@ -56,6 +56,14 @@ class Part:
 _READERS: dict[str, type[InputReader]] = {}
 #: Keys of fsspec's ``info`` that change when an object's content does, best first.
 _STAMPS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
+
+
+def content_stamp(info: dict[str, Any]) -> list[Any]:
+    """``[size, ETag or mtime]`` from an fsspec ``info`` dict: what a resume compares."""
+    stamp = next((info[k] for k in _STAMPS if info.get(k)), "")
+    return [info.get("size"), str(stamp)]
+
+
 _WRITERS: dict[str, type[OutputWriter]] = {}
 
 
@@ -98,9 +106,7 @@ class InputReader:
         out: dict[str, Any] = {}
         for url in self.files():
             fs, path = storage.filesystem(url, getattr(self, "storage_options", None))
-            info = fs.info(path)
-            stamp = next((info[k] for k in _STAMPS if info.get(k)), "")
-            out[url] = [info.get("size"), str(stamp)]
+            out[url] = content_stamp(fs.info(path))
         return out
 
     def uses_scratch(self) -> bool:

@@ -16,7 +16,7 @@ import orjson
 from skybatch import defaults
 from skybatch.errors import InputError, OutputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, InputReader, OutputWriter, Part
+from skybatch.io.base import BatchPlan, InputReader, OutputWriter, Part, content_stamp
 
 __all__ = ["JsonReader", "JsonWriter", "normalize_columns"]
 
@@ -59,6 +59,7 @@ class JsonReader(InputReader):
         # Set on the server at submit and carried in the spec to the agents, so
         # every process sees the same file list and scratch area.
         self._files: list[str] | None = None
+        self._stamps: dict[str, list[Any]] | None = None
         self.scratch: str | None = None
 
     def __repr__(self) -> str:
@@ -92,20 +93,26 @@ class JsonReader(InputReader):
         return self._files
 
     def validate(self) -> None:
-        self._files = self._expand()
+        listing = self._listing()
+        self._files = list(listing)
+        self._stamps = {url: content_stamp(info) for url, info in listing.items()}
 
     def fingerprint(self) -> dict[str, Any]:
-        # Expand afresh: a shard added to the prefix since submit is a change too.
-        saved, self._files = self._files, None
-        try:
-            return super().fingerprint()
-        finally:
-            self._files = saved
+        # From the listing validate() made, or a fresh one (at resume): a shard
+        # added to the prefix since submit is a change too. No request per file.
+        stamps, self._stamps = self._stamps, None
+        if stamps is None:
+            stamps = {url: content_stamp(info) for url, info in self._listing().items()}
+        return stamps
 
     def uses_scratch(self) -> bool:
         return any(_compression(url) for url in self.files())
 
     def _expand(self) -> list[str]:
+        return list(self._listing())
+
+    def _listing(self) -> dict[str, dict[str, Any]]:
+        """The input's files, in order, with their fsspec ``info``."""
         fs, path = storage.filesystem(self.path, self.storage_options)
         if fsspec.core.has_magic(path):
             with storage.translate_errors(self.path, "list input", InputError):
@@ -117,7 +124,7 @@ class JsonReader(InputReader):
         else:
             info = storage.check_readable_location(self.path, self.storage_options)
             if info.get("type") != "directory":
-                return [self.path]
+                return {self.path: info}
             with storage.translate_errors(self.path, "list input", InputError):
                 found = fs.find(path, detail=True)
             names = sorted(
@@ -132,8 +139,8 @@ class JsonReader(InputReader):
                     "file, a directory of them, or a glob such as data/*.jsonl"
                 )
         if storage.is_local(self.path):
-            return names
-        return [fs.unstrip_protocol(p) for p in names]
+            return {p: found[p] for p in names}
+        return {fs.unstrip_protocol(p): found[p] for p in names}
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         planner = _Planner(batch_size)
