@@ -15,7 +15,7 @@ A Sky Batch script ports by renaming ``sky.batch.`` to ``skybatch.``::
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from skybatch.client.admin import cancel, jobs_queue, pool_apply, pool_down, pool_status
 from skybatch.client.dataset import Dataset, Job
@@ -37,8 +37,13 @@ from skybatch.errors import (
     SkyBatchError,
 )
 from skybatch.io.base import InputReader, OutputWriter
+from skybatch.io.csvio import CsvReader, CsvWriter
+from skybatch.io.images import ImageWriter
 from skybatch.io.jsonl import JsonReader, JsonWriter
 from skybatch.states import JobStatus
+
+if TYPE_CHECKING:
+    from skybatch.io.parquetio import ParquetReader, ParquetWriter
 
 __version__ = "0.1.0"
 
@@ -46,7 +51,10 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "ConflictError",
+    "CsvReader",
+    "CsvWriter",
     "Dataset",
+    "ImageWriter",
     "InputError",
     "InputReader",
     "Job",
@@ -60,6 +68,8 @@ __all__ = [
     "NotFoundError",
     "OutputError",
     "OutputWriter",
+    "ParquetReader",
+    "ParquetWriter",
     "PoolError",
     "PoolSpecError",
     "RemoteFunction",
@@ -91,3 +101,12 @@ def save_results(results: list[dict[str, Any]]) -> NoReturn:
         "skybatch.save_results() works only inside a mapper running on a worker; "
         "pass the mapper to ds.map(...)"
     )
+
+
+def __getattr__(name: str) -> Any:
+    # Parquet needs pyarrow, slow to import: load it when a script first uses it.
+    if name in ("ParquetReader", "ParquetWriter"):
+        from skybatch.io import parquetio
+
+        return getattr(parquetio, name)
+    raise AttributeError(f"module 'skybatch' has no attribute {name!r}")

@@ -211,7 +211,7 @@ def test_non_json_result_names_key_and_type(shared: Deployment, tmp_path: Path) 
             max_retries=0,
             output=skybatch.JsonWriter(str(tmp_path / "o.jsonl")),
         )
-    assert "key 'tags': a builtins.set cannot be written as JSON" in str(e.value)
+    assert "key 'tags': a set cannot be written to JSON; use str, int" in str(e.value)
 
 
 def test_two_jobs_at_once_share_the_pool(shared: Deployment, tmp_path: Path) -> None:

@@ -192,8 +192,13 @@ class Agent:
             # New job, or resumed (maybe with a fixed mapper): fetch its spec again.
             spec = self.link.call("GET", f"/v1/agent/jobs/{job_id}").json()
             writers = [writer_from_spec(w) for w in spec["writers"]]
-            init = {**spec["mapper"], "writers": [w.runner_spec() for w in writers]}
-            ctx = JobContext(spec, reader_from_spec(spec["reader"]), writers, init, generation)
+            reader = reader_from_spec(spec["reader"])
+            init = {
+                **spec["mapper"],
+                "writers": [w.runner_spec() for w in writers],
+                "payload_format": reader.payload_format,
+            }
+            ctx = JobContext(spec, reader, writers, init, generation)
             self.jobs[job_id] = ctx
         return ctx
 

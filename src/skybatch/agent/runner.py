@@ -31,6 +31,22 @@ from typing import Any, BinaryIO
 _HEAD = struct.Struct(">II")
 
 
+def _load_encode() -> types.ModuleType:
+    """encode.py, beside this file, loaded by path: putting skybatch/agent/ on
+    sys.path would let its modules shadow the user's (``process``, ``agent``)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "encode.py")
+    spec = importlib.util.spec_from_file_location("_skybatch_encode", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_encode = _load_encode()
+
+
 def write_frame(stream: BinaryIO, header: dict[str, Any], payload: bytes = b"") -> None:
     head = json.dumps(header).encode()
     stream.write(_HEAD.pack(len(head), len(payload)) + head)
@@ -71,6 +87,24 @@ def _decode_jsonl(payload: bytes) -> list[dict[str, Any]]:
     return [loads(line) for line in payload.split(b"\n") if line.strip()]
 
 
+def _decode_csv(payload: bytes) -> list[dict[str, Any]]:
+    import csv
+    import io
+
+    text = io.StringIO(payload.decode("utf-8-sig"), newline="")
+    return [dict(row) for row in csv.DictReader(text)]
+
+
+def _decode_records(payload: bytes) -> list[dict[str, Any]]:
+    import pickle
+
+    rows: list[dict[str, Any]] = pickle.loads(payload)  # from our own agent
+    return rows
+
+
+_DECODERS = {"jsonl": _decode_jsonl, "csv": _decode_csv, "records": _decode_records}
+
+
 class _Batch:
     __slots__ = ("index", "row_start", "rows", "saved")
 
@@ -88,7 +122,14 @@ class _Batch:
 class Session:
     """State shared by load() and save_results() within one runner."""
 
-    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, writers: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        rfile: BinaryIO,
+        wfile: BinaryIO,
+        writers: list[dict[str, Any]],
+        payload_format: str = "jsonl",
+    ) -> None:
+        self.decode = _DECODERS[payload_format]
         self.rfile = rfile
         self.wfile = wfile
         self.writers = writers
@@ -119,7 +160,7 @@ class Session:
                 self.eof = True
                 return
             header, payload = msg
-            rows = _decode_jsonl(payload)
+            rows = self.decode(payload)
             self.current = _Batch(header["index"], header["row_start"], rows)
             self.loaded_any = True
             yield rows
@@ -145,54 +186,29 @@ class Session:
                 f"{cur.label()}: save_results() got {len(results)} results for "
                 f"{len(cur.rows)} input rows; return exactly one dict per input row, in order"
             )
-        parts = [self._format(cur, results, w) for w in self.writers]
-        cur.saved = True
-        write_frame(
-            self.wfile,
-            {"type": "result", "index": cur.index, "sizes": [len(p) for p in parts]},
-            b"".join(parts),
-        )
-
-    # -- formatting ------------------------------------------------------------------
-
-    def _format(self, cur: _Batch, results: Any, writer: dict[str, Any]) -> bytes:
-        columns = writer.get("columns")
-        dumps = json.dumps
-        lines = []
         for i, row in enumerate(results):
             if not isinstance(row, dict):
                 raise MapperContractError(
                     f"{cur.label()}: result {i} is a {type(row).__name__}; "
                     "each result must be a dict of column to value"
                 )
-            if columns is not None:
-                try:
-                    row = {c: row[c] for c in columns}
-                except KeyError as e:
-                    raise MapperContractError(
-                        f"{cur.label()}: result {i} has no column {e.args[0]!r}, which an output "
-                        f"selects (column={columns!r}); the result has {sorted(row)!r}"
-                    ) from None
-            try:
-                lines.append(dumps(row, ensure_ascii=False))
-            except (TypeError, ValueError):
-                raise MapperContractError(self._unserializable(cur, i, row)) from None
-        if not lines:
-            return b""
-        return ("\n".join(lines) + "\n").encode()
-
-    @staticmethod
-    def _unserializable(cur: _Batch, i: int, row: dict[str, Any]) -> str:
-        for key, value in row.items():
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                return (
-                    f"{cur.label()}: result {i} (input row {cur.row_start + i}), key {key!r}: "
-                    f"a {type(value).__module__}.{type(value).__qualname__} cannot be written "
-                    "as JSON; convert it to str, int, float, bool, None, or a list or dict of those"
-                )
-        return f"{cur.label()}: result {i} cannot be written as JSON"
+        try:
+            names = {
+                w["column"]: _encode.image_names(results, w, cur.row_start)
+                for w in self.writers
+                if w["format"] == "image"
+            }
+            parts = [_encode.encode_part(results, w, names) for w in self.writers]
+        except _encode.ResultError as e:
+            raise MapperContractError(
+                f"{cur.label()}: result {e.row} (input row {cur.row_start + e.row}) {e}"
+            ) from None
+        cur.saved = True
+        write_frame(
+            self.wfile,
+            {"type": "result", "index": cur.index, "sizes": [len(p) for p in parts]},
+            b"".join(parts),
+        )
 
 
 def _user_traceback(exc: BaseException, mapper_file: str) -> str:
@@ -243,7 +259,7 @@ def main() -> int:
     if first is None:
         return 0
     init = first[0]
-    session = Session(rfile, wfile, init["writers"])
+    session = Session(rfile, wfile, init["writers"], init.get("payload_format", "jsonl"))
     try:
         fn, filename = _compile_mapper(init, session)
     except BaseException as e:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from skybatch import defaults
 from skybatch.client.api import Client, ServerUnreachable
 from skybatch.client.progress import JobProgress
@@ -50,6 +52,11 @@ class Job:
 
     def cancel(self) -> None:
         self.client.cancel(self.job_id)
+
+    def results(self) -> list[dict[str, Any]]:
+        """The result rows of a succeeded job without ``output=``, in input order."""
+        data = self.client.request("GET", f"/v1/jobs/{self.job_id}/results", timeout=600).content
+        return [orjson.loads(line) for line in data.splitlines() if line]
 
     def resume(self, stream: bool = True) -> Job:
         """Run the batches this failed or cancelled job did not commit, then publish."""
@@ -113,14 +120,38 @@ def format_log_chunk(chunk: dict[str, Any], tag: bool) -> str:
     return "".join(prefix + line for line in str(chunk["text"]).splitlines(keepends=True))
 
 
-def _writers(output: OutputWriter | Sequence[OutputWriter]) -> list[OutputWriter]:
+def _writers(output: OutputWriter | Sequence[OutputWriter] | None) -> list[OutputWriter]:
+    if output is None:
+        return []  # results come back with job.results()
     writers = [output] if isinstance(output, OutputWriter) else list(output)
     if not writers or not all(isinstance(w, OutputWriter) for w in writers):
         raise ConfigError(
-            "output must be a writer such as skybatch.JsonWriter('out.jsonl') or a "
-            f"non-empty list of writers, got {output!r}"
+            "output must be a writer such as skybatch.JsonWriter('out.jsonl'), a non-empty "
+            f"list of writers, or left out to get the results back; got {output!r}"
         )
     return writers
+
+
+def _items_jsonl(items: Any) -> str:
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise ConfigError(f"Dataset.from_items needs a list of dicts, got {type(items).__name__}")
+    lines = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ConfigError(
+                f"Dataset.from_items: item {i} is a {type(item).__name__}; each item must be a "
+                "dict such as {'text': '...'}"
+            )
+        try:
+            lines.append(orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY))
+        except TypeError as e:
+            raise ConfigError(
+                f"Dataset.from_items: item {i} cannot be sent as JSON ({e}); use str, int, "
+                "float, bool, None, lists and dicts"
+            ) from None
+    if not lines:
+        raise ConfigError("Dataset.from_items got no items; there is nothing to map over")
+    return (b"\n".join(lines) + b"\n").decode()
 
 
 def _errors_writer(
@@ -141,6 +172,11 @@ def _errors_writer(
             f"max_failed_rows must be an integer of at least 0, got {max_failed_rows!r}"
         )
     if errors is None:
+        if not writers:
+            raise ConfigError(
+                "max_failed_rows without output= needs errors=skybatch.JsonWriter(path) to say "
+                "where the failed rows go"
+            )
         root, _ = os.path.splitext(writers[0].path)
         return JsonWriter(root + ".errors.jsonl", storage_options=writers[0].storage_options)
     if not isinstance(errors, JsonWriter):
@@ -156,9 +192,24 @@ class Dataset:
             raise ConfigError(
                 f"Dataset needs a reader such as skybatch.JsonReader('data.jsonl'), got {reader!r}"
             )
-        self.reader = reader
+        self.reader: InputReader | None = reader
+        self._items: str | None = None
+
+    @classmethod
+    def from_items(cls, items: Sequence[dict[str, Any]]) -> Dataset:
+        """A dataset of in-memory rows (a list of dicts), for "run my function over this list".
+
+        The rows travel with the job to its staging area (beside the first output,
+        or in the server's directory without one), where workers read them like a file.
+        """
+        ds = cls.__new__(cls)
+        ds.reader = None
+        ds._items = _items_jsonl(items)
+        return ds
 
     def __repr__(self) -> str:
+        if self.reader is None:
+            return f"Dataset.from_items(<{(self._items or '').count(chr(10))} items>)"
         return f"Dataset({self.reader!r})"
 
     def map(
@@ -166,7 +217,7 @@ class Dataset:
         mapper_fn: RemoteFunction | Any,
         pool_name: str,
         batch_size: int,
-        output: OutputWriter | Sequence[OutputWriter],
+        output: OutputWriter | Sequence[OutputWriter] | None = None,
         activate_env: str | None = None,
         stream: bool = True,
         *,
@@ -219,7 +270,8 @@ class Dataset:
         body = {
             "name": name or mapper_fn.name,
             "pool": pool_name,
-            "reader": self.reader.to_spec(),
+            "reader": self.reader.to_spec() if self.reader is not None else {"kind": "items"},
+            "items": self._items,
             "writers": [w.to_spec() for w in writers],
             "mapper": mapper_fn.to_spec(),
             "batch_size": batch_size,

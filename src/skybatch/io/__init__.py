@@ -1,6 +1,21 @@
-"""Input and output formats over storage."""
+"""Input and output formats over storage.
+
+Parquet (``skybatch.io.parquetio``) is imported on first use: pyarrow is slow to import.
+"""
 
 from skybatch.io.base import BatchPlan, InputReader, OutputWriter, Part
+from skybatch.io.csvio import CsvReader, CsvWriter
+from skybatch.io.images import ImageWriter
 from skybatch.io.jsonl import JsonReader, JsonWriter
 
-__all__ = ["BatchPlan", "InputReader", "JsonReader", "JsonWriter", "OutputWriter", "Part"]
+__all__ = [
+    "BatchPlan",
+    "CsvReader",
+    "CsvWriter",
+    "ImageWriter",
+    "InputReader",
+    "JsonReader",
+    "JsonWriter",
+    "OutputWriter",
+    "Part",
+]

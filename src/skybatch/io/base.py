@@ -13,11 +13,14 @@ agents as specs: ``{"kind": ..., **fields}``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from skybatch.errors import OutputError
 from skybatch.io import storage
 
 __all__ = [
@@ -130,11 +133,19 @@ class InputReader:
 
 
 class OutputWriter:
-    """Base class of output formats. Subclasses set ``kind`` and implement the methods."""
+    """Base class of output formats. Subclasses set ``kind`` and implement the methods.
+
+    A writer produces one *part* per committed batch (``write_part``, on the
+    agent) and turns the parts into the final output at the end (``stage``,
+    on the server, then ``publish`` once every output of the job has staged).
+    """
 
     kind: ClassVar[str] = ""
-    #: File extension of parts and how the runner formats them.
+    #: How the runner formats a part: "jsonl", "csv", "records" (a pickle of
+    #: plain rows, converted by the agent) or "image".
     part_format: ClassVar[str] = "jsonl"
+    #: File extension of stored parts.
+    part_ext: ClassVar[str] = "jsonl"
 
     path: str
     columns: list[str] | None
@@ -165,18 +176,22 @@ class OutputWriter:
         """``<output dir>/.skybatch/<job>``: the job's staging area beside this output."""
         return storage.join(storage.dirname(self.path), ".skybatch", str(job_id))
 
-    def staging_dir(self, job_id: int) -> str:
+    def staging_dir(self, job_id: int | str) -> str:
         """``<output dir>/.skybatch/<job>/<output name>``: parts live beside the output."""
         return storage.join(self.staging_root(job_id), storage.basename(self.path))
 
-    def part_path(self, job_id: int, batch: int, attempt: int) -> str:
+    def part_path(self, job_id: int | str, batch: int, attempt: int) -> str:
         # Attempt ids in the name fence zombies: a late writer never overwrites a
         # committed part, and the reduce reads only the committed attempt's file.
-        return storage.join(self.staging_dir(job_id), f"{batch:08d}.{attempt}.{self.part_format}")
+        return storage.join(self.staging_dir(job_id), f"{batch:08d}.{attempt}.{self.part_ext}")
 
     def prepare(self, job_id: int, overwrite: bool) -> None:
         """At submit, on the server: fail now if the output cannot be produced."""
         raise NotImplementedError
+
+    def output_exists(self) -> bool:
+        """Whether a final output is already there (publishing over it needs overwrite)."""
+        return storage.exists(self.path, self.storage_options)
 
     def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
         storage.write_bytes(self.part_path(job_id, batch, attempt), data, self.storage_options)
@@ -184,7 +199,7 @@ class OutputWriter:
     def discard_part(self, job_id: int, batch: int, attempt: int) -> None:
         storage.remove_file(self.part_path(job_id, batch, attempt), self.storage_options)
 
-    def stage(self, job_id: int, parts: Sequence[Part]) -> storage.StagedFile:
+    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         """Merge the parts, in order, into a staged final output (not yet visible)."""
         raise NotImplementedError
 
@@ -206,9 +221,110 @@ class OutputWriter:
 
         return Client.connect().reduce(str(job_id), self.to_spec())
 
+    # -- helpers for subclasses ------------------------------------------------------
+
+    def prepare_file(self, job_id: int, overwrite: bool, example: str) -> None:
+        """``prepare`` of a writer whose output is one file."""
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        with storage.translate_errors(self.path, "check output", OutputError):
+            if fs.isdir(path):
+                raise OutputError(
+                    f"output {self.path} is a directory; name a file such as {example}"
+                )
+            if not overwrite and fs.exists(path):
+                raise OutputError(
+                    f"output {self.path} already exists; pass overwrite=True to ds.map() "
+                    "to replace it, or choose another path"
+                )
+        storage.check_writable(self.path, self.storage_options)
+        storage.makedirs(self.staging_dir(job_id), self.storage_options)
+
+    def prepare_directory(self, job_id: int, overwrite: bool) -> None:
+        """``prepare`` of a writer whose output is a directory of files."""
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        with storage.translate_errors(self.path, "check output", OutputError):
+            if fs.isfile(path):
+                raise OutputError(
+                    f"output {self.path} is a file; this writer writes a directory of files"
+                )
+        if not overwrite and self.output_exists():
+            raise OutputError(
+                f"output directory {self.path} already has files; pass overwrite=True to "
+                "ds.map() to replace them, or choose another path"
+            )
+        storage.check_writable(storage.join(self.path, "x"), self.storage_options)
+        storage.makedirs(self.staging_dir(job_id), self.storage_options)
+
+    def directory_has_files(self) -> bool:
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        with storage.translate_errors(self.path, "check output", OutputError):
+            if not fs.isdir(path):
+                return False
+            return bool(fs.find(path, maxdepth=None, withdirs=False))
+
+    def stage_concatenated(
+        self, job_id: int | str, parts: Sequence[Part], skip_first_line: bool = False
+    ) -> storage.StagedFile:
+        """The parts one after the other, streamed into one staged file.
+
+        ``skip_first_line``: every part starts with the same header line (CSV);
+        keep the first part's and check the others match it.
+        """
+        staged = storage.StagedFile(self.path, self.storage_options)
+        header: bytes | None = None
+        try:
+            with staged.open() as out:
+                for part in parts:
+                    url = self.part_path(job_id, part.batch, part.attempt)
+                    with (
+                        storage.translate_errors(url, "read part", OutputError),
+                        storage.open_stream(url, self.storage_options) as src,
+                    ):
+                        if skip_first_line:
+                            line = src.readline()
+                            if header is None:
+                                header = line
+                                out.write(line)
+                            elif line != header:
+                                raise OutputError(
+                                    f"{self.path}: rows {part.row_start}-"
+                                    f"{part.row_start + part.row_count - 1} have columns "
+                                    f"{line.decode().strip()!r}, the rows before them "
+                                    f"{header.decode().strip()!r}; give every result the same "
+                                    "keys, or select them with column=[...]"
+                                )
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    def stage_shards(self, job_id: int | str, parts: Sequence[Part]) -> storage.StagedMoves:
+        """The parts as the final output: ``<path>/part-00000.<ext>``, ... in row order."""
+        moves = [
+            (
+                self.part_path(job_id, part.batch, part.attempt),
+                storage.join(self.path, f"part-{n:05d}.{self.part_ext}"),
+            )
+            for n, part in enumerate(parts)
+        ]
+        return storage.StagedMoves(self.path, moves, self.storage_options)
+
+
+#: Formats whose module is imported on first use (pyarrow takes a while to import).
+_LAZY = {"parquet": "skybatch.io.parquetio"}
+
+
+def _load_kind(kind: str) -> None:
+    module = _LAZY.get(kind)
+    if module is not None:
+        importlib.import_module(module)
+
 
 def reader_from_spec(spec: dict[str, Any]) -> InputReader:
     kind = spec.get("kind", "")
+    if kind not in _READERS:
+        _load_kind(kind)
     cls = _READERS.get(kind)
     if cls is None:
         raise ValueError(f"unknown reader kind {kind!r}; known: {', '.join(sorted(_READERS))}")
@@ -217,6 +333,8 @@ def reader_from_spec(spec: dict[str, Any]) -> InputReader:
 
 def writer_from_spec(spec: dict[str, Any]) -> OutputWriter:
     kind = spec.get("kind", "")
+    if kind not in _WRITERS:
+        _load_kind(kind)
     cls = _WRITERS.get(kind)
     if cls is None:
         raise ValueError(f"unknown writer kind {kind!r}; known: {', '.join(sorted(_WRITERS))}")

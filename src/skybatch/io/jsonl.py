@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import posixpath
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -14,9 +12,10 @@ import fsspec.utils
 import orjson
 
 from skybatch import defaults
-from skybatch.errors import InputError, OutputError
+from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, InputReader, OutputWriter, Part, content_stamp
+from skybatch.io.base import BatchPlan, OutputWriter, Part
+from skybatch.io.files import FileReader
 
 __all__ = ["JsonReader", "JsonWriter", "normalize_columns"]
 
@@ -32,7 +31,7 @@ def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
     return columns
 
 
-class JsonReader(InputReader):
+class JsonReader(FileReader):
     """Reads JSON Lines: one JSON object per line, each line one row.
 
     ``path`` is one file, a directory or prefix (every file under it whose
@@ -48,99 +47,10 @@ class JsonReader(InputReader):
     """
 
     kind = "jsonl"
-
-    def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
-        if not isinstance(path, str) or not path:
-            raise TypeError("JsonReader(path): path must be a non-empty string")
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError("JsonReader(storage_options=...): expected a dict")
-        self.path = storage.resolve(path)
-        self.storage_options = storage_options
-        # Set on the server at submit and carried in the spec to the agents, so
-        # every process sees the same file list and scratch area.
-        self._files: list[str] | None = None
-        self._stamps: dict[str, list[Any]] | None = None
-        self.scratch: str | None = None
-
-    def __repr__(self) -> str:
-        return f"JsonReader({self.path!r})"
-
-    def to_spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "kind": self.kind,
-            "path": self.path,
-            "storage_options": self.storage_options,
-        }
-        if self._files is not None:
-            spec["_files"] = self._files
-        if self.scratch is not None:
-            spec["_scratch"] = self.scratch
-        return spec
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> JsonReader:
-        reader = cls(spec["path"], spec.get("storage_options"))
-        reader._files = spec.get("_files")
-        reader.scratch = spec.get("_scratch")
-        return reader
-
-    def describe(self) -> str:
-        return self.path
-
-    def files(self) -> list[str]:
-        if self._files is None:
-            self._files = self._expand()
-        return self._files
-
-    def validate(self) -> None:
-        listing = self._listing()
-        self._files = list(listing)
-        self._stamps = {url: content_stamp(info) for url, info in listing.items()}
-
-    def fingerprint(self) -> dict[str, Any]:
-        # From the listing validate() made, or a fresh one (at resume): a shard
-        # added to the prefix since submit is a change too. No request per file.
-        stamps, self._stamps = self._stamps, None
-        if stamps is None:
-            stamps = {url: content_stamp(info) for url, info in self._listing().items()}
-        return stamps
+    example = "data.jsonl"
 
     def uses_scratch(self) -> bool:
         return any(_compression(url) for url in self.files())
-
-    def _expand(self) -> list[str]:
-        return list(self._listing())
-
-    def _listing(self) -> dict[str, dict[str, Any]]:
-        """The input's files, in order, with their fsspec ``info``."""
-        fs, path = storage.filesystem(self.path, self.storage_options)
-        if fsspec.core.has_magic(path):
-            with storage.translate_errors(self.path, "list input", InputError):
-                found = fs.glob(path, detail=True)
-            names = sorted(p for p, info in found.items() if info.get("type") != "directory")
-            if not names:
-                storage.check_bucket(self.path, self.storage_options, InputError)
-                raise InputError(f"no input files match {self.path}; check the pattern")
-        else:
-            info = storage.check_readable_location(self.path, self.storage_options)
-            if info.get("type") != "directory":
-                return {self.path: info}
-            with storage.translate_errors(self.path, "list input", InputError):
-                found = fs.find(path, detail=True)
-            names = sorted(
-                p
-                for p, info in found.items()
-                if info.get("type") != "directory"
-                and not posixpath.basename(p).startswith((".", "_"))
-            )
-            if not names:
-                raise InputError(
-                    f"input {self.path} is a directory with no files in it; name a .jsonl "
-                    "file, a directory of them, or a glob such as data/*.jsonl"
-                )
-        if storage.is_local(self.path):
-            return {p: found[p] for p in names}
-        return {fs.unstrip_protocol(p): found[p] for p in names}
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         planner = _Planner(batch_size)
@@ -353,29 +263,36 @@ def _all_objects(lines: list[bytes]) -> bool:
 
 
 class JsonWriter(OutputWriter):
-    """Writes results as one JSONL file, one line per input row, in input order.
+    """Writes results as JSON Lines, one line per input row, in input order.
 
-    ``column`` selects the keys to keep (a name or a list of names), like SQL SELECT.
+    ``column`` selects the keys to keep (a name or a list of names), like SQL
+    SELECT. With ``shards=True`` the output is a directory of part files
+    (``part-00000.jsonl``, ... in row order) published without merging them,
+    for outputs too big to be one file.
     """
 
     kind = "jsonl"
     part_format = "jsonl"
+    part_ext = "jsonl"
 
     def __init__(
         self,
         path: str,
         column: str | Sequence[str] | None = None,
         storage_options: dict[str, Any] | None = None,
+        shards: bool = False,
     ) -> None:
         if not isinstance(path, str) or not path:
-            raise TypeError("JsonWriter(path): path must be a non-empty string")
+            raise TypeError(f"{type(self).__name__}(path): path must be a non-empty string")
         self.path = storage.resolve(path)
         self.columns = normalize_columns(column)
         self.storage_options = storage_options
+        self.shards = bool(shards)
 
     def __repr__(self) -> str:
         col = f", column={self.columns!r}" if self.columns else ""
-        return f"JsonWriter({self.path!r}{col})"
+        shards = ", shards=True" if self.shards else ""
+        return f"{type(self).__name__}({self.path!r}{col}{shards})"
 
     def to_spec(self) -> dict[str, Any]:
         return {
@@ -383,39 +300,25 @@ class JsonWriter(OutputWriter):
             "path": self.path,
             "column": self.columns,
             "storage_options": self.storage_options,
+            "shards": self.shards,
         }
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> JsonWriter:
-        return cls(spec["path"], spec.get("column"), spec.get("storage_options"))
+        return cls(
+            spec["path"], spec.get("column"), spec.get("storage_options"), spec.get("shards", False)
+        )
 
     def prepare(self, job_id: int, overwrite: bool) -> None:
-        fs, path = storage.filesystem(self.path, self.storage_options)
-        with storage.translate_errors(self.path, "check output", OutputError):
-            if fs.isdir(path):
-                raise OutputError(
-                    f"output {self.path} is a directory; name a file such as out.jsonl"
-                )
-            if not overwrite and fs.exists(path):
-                raise OutputError(
-                    f"output {self.path} already exists; pass overwrite=True to ds.map() "
-                    "to replace it, or choose another path"
-                )
-        storage.check_writable(self.path, self.storage_options)
-        storage.makedirs(self.staging_dir(job_id), self.storage_options)
+        if self.shards:
+            self.prepare_directory(job_id, overwrite)
+        else:
+            self.prepare_file(job_id, overwrite, f"out.{self.part_ext}")
 
-    def stage(self, job_id: int, parts: Sequence[Part]) -> storage.StagedFile:
-        staged = storage.StagedFile(self.path, self.storage_options)
-        try:
-            with staged.open() as out:
-                for part in parts:
-                    url = self.part_path(job_id, part.batch, part.attempt)
-                    with (
-                        storage.translate_errors(url, "read part", OutputError),
-                        storage.open_stream(url, self.storage_options) as src,
-                    ):
-                        shutil.copyfileobj(src, out, 1024 * 1024)
-        except BaseException:
-            staged.discard()
-            raise
-        return staged
+    def output_exists(self) -> bool:
+        return self.directory_has_files() if self.shards else super().output_exists()
+
+    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
+        if self.shards:
+            return self.stage_shards(job_id, parts)
+        return self.stage_concatenated(job_id, parts)

@@ -11,7 +11,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -19,7 +19,9 @@ from fsspec.implementations.local import LocalFileSystem
 from skybatch.errors import InputError, OutputError, SkyBatchError
 
 __all__ = [
+    "Staged",
     "StagedFile",
+    "StagedMoves",
     "check_readable_location",
     "check_writable",
     "filesystem",
@@ -269,6 +271,52 @@ def write_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None) 
     write_bytes(url, data, storage_options)  # an object PUT is atomic
 
 
+class Staged(Protocol):
+    """An output written out of sight; ``publish`` makes it visible, ``discard`` drops it."""
+
+    def publish(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class StagedMoves:
+    """A directory output made of staged files, published by moving them into place.
+
+    Locally each move is a rename. On object stores it is a server-side copy
+    (run concurrently by fsspec) and a delete of the staged objects; no bytes
+    pass through this process. What was in the directory before is removed
+    first (publishing over it was allowed by ``overwrite``).
+    """
+
+    def __init__(
+        self, directory: str, moves: list[tuple[str, str]], storage_options: dict[str, Any] | None
+    ) -> None:
+        self.directory = directory
+        self.moves = moves
+        self.storage_options = storage_options
+
+    def publish(self) -> None:
+        fs, root = filesystem(self.directory, self.storage_options)
+        with translate_errors(self.directory, "publish", OutputError):
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            if is_local(self.directory):
+                for src, dst in self.moves:
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    os.replace(src, dst)
+                return
+            if not self.moves:
+                return
+            srcs = [filesystem(src, self.storage_options)[1] for src, _ in self.moves]
+            dsts = [filesystem(dst, self.storage_options)[1] for _, dst in self.moves]
+            fs.copy(srcs, dsts)
+            fs.rm(srcs)
+            fs.invalidate_cache()
+
+    def discard(self) -> None:
+        """The staged files stay with the job's parts, removed by its cleanup."""
+
+
 class _GrowingParts:
     """Writes to an fsspec upload, doubling its part size every PARTS_PER_SIZE parts."""
 
@@ -276,6 +324,18 @@ class _GrowingParts:
         self.upload = upload
         self.written = 0
         self.grow_at = PARTS_PER_SIZE * upload.blocksize
+
+    # What pyarrow and shutil look for in a writable file.
+    closed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        """Parts go out as they fill; nothing to do."""
 
     def write(self, data: bytes) -> int:
         n: int = self.upload.write(data)

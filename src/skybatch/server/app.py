@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 import skybatch
 from skybatch import defaults
@@ -149,6 +149,11 @@ def create_app(ctx: Context) -> FastAPI:
     @api.post("/jobs/{job_id}/resume")
     async def resume(job_id: int, body: ResumeRequest) -> JobView:
         return job_view(await jobs.resume(job_id, body.job))
+
+    @api.get("/jobs/{job_id}/results")
+    async def results(job_id: int) -> FileResponse:
+        """The result rows (JSON Lines) of a succeeded job that had no output=."""
+        return FileResponse(jobs.results_path(job_id), media_type="application/jsonl")
 
     @api.post("/jobs/{job_id}/reduce")
     async def reduce(job_id: int, body: ReduceRequest) -> ReduceResult:

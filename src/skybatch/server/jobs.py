@@ -9,8 +9,10 @@ notifier until work appears.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,6 +28,7 @@ from skybatch.errors import (
 )
 from skybatch.io import storage
 from skybatch.io.base import InputReader, OutputWriter, Part, reader_from_spec, writer_from_spec
+from skybatch.io.jsonl import JsonReader, JsonWriter
 from skybatch.server.context import Context
 from skybatch.server.models import JobSubmit, JobView
 from skybatch.server.store import JobRecord, Lease
@@ -146,10 +149,8 @@ class JobService:
             )
         if req.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {req.batch_size}")
-        if not req.writers:
-            raise ConfigError("output must name at least one writer, e.g. skybatch.JsonWriter(...)")
         try:
-            reader = reader_from_spec(req.reader)
+            reader = reader_from_spec(req.reader) if req.items is None else None
             writers = [writer_from_spec(w) for w in req.writers]
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"invalid reader or writer: {e}") from None
@@ -163,17 +164,29 @@ class JobService:
                     f"job {other.id} is already writing {sorted(clash)[0]}; wait for it, "
                     f"cancel it (`skybatch jobs cancel {other.id}`), or choose another output"
                 )
-        await asyncio.to_thread(reader.validate)
-        spec = req.model_dump()
-        spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
+        if reader is not None:
+            await asyncio.to_thread(reader.validate)
+        spec = req.model_dump(exclude={"items"})
+        if reader is not None:
+            spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
         job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock())
-        if await asyncio.to_thread(reader.uses_scratch):
-            # Inside the first output's staging area: removed with the job's parts.
-            reader.scratch = storage.join(writers[0].staging_root(job_id), ".input")
-        spec["reader"] = reader.to_spec()  # with the resolved file list and scratch area
-        store.set_job_spec(job_id, spec)
         errors = [writer_from_spec(req.errors)] if req.errors else []
         try:
+            if not writers:
+                # No output=: results come back to the caller (job.results()).
+                writers = [JsonWriter(str(self._job_dir(job_id) / "results.jsonl"))]
+                spec["writers"] = [w.to_spec() for w in writers]
+                spec["results_in_memory"] = True
+            if req.items is not None:
+                reader = await asyncio.to_thread(self._stage_items, job_id, writers[0], req.items)
+                spec["items_sha256"] = hashlib.sha256(req.items.encode()).hexdigest()
+                spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
+            assert reader is not None
+            if await asyncio.to_thread(reader.uses_scratch):
+                # Inside the first output's staging area: removed with the job's parts.
+                reader.scratch = storage.join(writers[0].staging_root(job_id), ".input")
+            spec["reader"] = reader.to_spec()  # with the resolved file list and scratch area
+            store.set_job_spec(job_id, spec)
             await asyncio.to_thread(self._prepare, writers + errors, job_id, req.overwrite)
         except BaseException:
             await asyncio.to_thread(self._cleanup, writers, job_id, reader)
@@ -214,13 +227,23 @@ class JobService:
                 f"{pool_name}`) and resume again"
             )
         reader = reader_from_spec(spec["reader"])
-        now_print = await asyncio.to_thread(reader.fingerprint)
-        if now_print != spec.get("input_fingerprint"):
+        writers = self.writers(job)
+        if spec.get("items_sha256"):
+            # In-memory items: the same items (by hash) are written again if need be.
+            if req is not None and req.items is not None:
+                await asyncio.to_thread(self._stage_items, job_id, writers[0], req.items)
+            elif not await asyncio.to_thread(
+                storage.exists, reader.files()[0], writers[0].storage_options
+            ):
+                raise ConfigError(
+                    f"job {job_id} ran over in-memory items, which were removed; resume it "
+                    f"from Python: Dataset.from_items(items).map(..., resume={job_id})"
+                )
+        elif await asyncio.to_thread(reader.fingerprint) != spec.get("input_fingerprint"):
             raise ConfigError(
                 f"input {reader.describe()} changed since job {job_id} ran, so its batches no "
                 "longer line up; submit a new job instead of resuming"
             )
-        writers = self.writers(job)
         if job.committed_batches and not await asyncio.to_thread(
             storage.exists, writers[0].staging_dir(job_id), writers[0].storage_options
         ):
@@ -262,7 +285,13 @@ class JobService:
     @staticmethod
     def _check_same_job(job: JobRecord, req: JobSubmit) -> None:
         old = job.spec
-        if req.reader != _user_spec(old["reader"]):
+        if req.items is not None:
+            if hashlib.sha256(req.items.encode()).hexdigest() != old.get("items_sha256"):
+                raise ConfigError(
+                    f"job {job.id} ran over other items; resume it with the same items, or "
+                    "submit a new job"
+                )
+        elif req.reader != _user_spec(old["reader"]):
             raise ConfigError(
                 f"job {job.id} read {reader_from_spec(old['reader']).describe()}; resume it with "
                 "the same input, or submit a new job"
@@ -272,6 +301,8 @@ class JobService:
                 f"job {job.id} ran with batch_size={old['batch_size']}; resume it with the same "
                 f"batch_size (got {req.batch_size}), or submit a new job"
             )
+        if old.get("results_in_memory") and not req.writers:
+            return
         old_paths = [w["path"] for w in old["writers"]]
         if [w.get("path") for w in req.writers] != old_paths or [
             w.get("kind") for w in req.writers
@@ -280,6 +311,34 @@ class JobService:
                 f"job {job.id} wrote {old_paths}; resume it with the same outputs, or submit "
                 "a new job"
             )
+
+    def _job_dir(self, job_id: int) -> Path:
+        """The server's own area for a job: in-memory inputs and results live here."""
+        return self.ctx.home.root / "jobs" / str(job_id)
+
+    def _stage_items(self, job_id: int, writer: OutputWriter, items: str) -> InputReader:
+        """Dataset.from_items: the rows, as a JSONL file in the job's staging area."""
+        url = storage.join(writer.staging_root(job_id), ".items.jsonl")
+        storage.makedirs(storage.dirname(url), writer.storage_options)
+        storage.write_bytes(url, items.encode(), writer.storage_options)
+        reader = JsonReader(url, writer.storage_options)
+        reader.validate()
+        return reader
+
+    def results_path(self, job_id: int) -> Path:
+        """The results of a job without outputs, once it succeeded."""
+        job = self.get(job_id)
+        if not job.spec.get("results_in_memory"):
+            outputs = ", ".join(w["path"] for w in job.spec["writers"])
+            raise ConfigError(
+                f"job {job_id} wrote its results to {outputs}; read them there (job.results() "
+                "is for jobs without output=)"
+            )
+        if job.status is not JobStatus.SUCCEEDED:
+            raise ConflictError(
+                f"job {job_id} is {job.status.value}; its results come back when it succeeds"
+            )
+        return Path(job.spec["writers"][0]["path"])
 
     @staticmethod
     def _prepare(writers: list[OutputWriter], job_id: int, overwrite: bool) -> None:
@@ -571,7 +630,7 @@ class JobService:
         staged = []
         try:
             for w in writers:
-                if not overwrite and storage.exists(w.path, w.storage_options):
+                if not overwrite and w.output_exists():
                     raise OutputError(
                         f"output {w.path} appeared while the job ran; pass overwrite=True "
                         "to replace it"
@@ -586,7 +645,7 @@ class JobService:
         for s in staged:
             s.publish()
 
-    def _stage_errors(self, job: JobRecord) -> storage.StagedFile:
+    def _stage_errors(self, job: JobRecord) -> storage.Staged:
         """The errors output: one line per poison row, with its input and its failure."""
         errors = writer_from_spec(job.spec["errors"])
         staged = storage.StagedFile(errors.path, errors.storage_options)

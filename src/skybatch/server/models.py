@@ -30,6 +30,8 @@ class JobSubmit(BaseModel):
     batch_timeout: float | None = Field(default=None, gt=0)
     max_failed_rows: int | None = Field(default=None, ge=0)
     errors: dict[str, Any] | None = None
+    #: Dataset.from_items: the rows as JSON Lines; the reader spec is then a placeholder.
+    items: str | None = None
 
 
 class ResumeRequest(BaseModel):

@@ -1,0 +1,209 @@
+"""CSV: :class:`CsvReader` and :class:`CsvWriter`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from skybatch import defaults
+from skybatch.errors import InputError
+from skybatch.io import storage
+from skybatch.io.base import BatchPlan, OutputWriter, Part
+from skybatch.io.files import FileReader
+from skybatch.io.jsonl import normalize_columns
+
+__all__ = ["CsvReader", "CsvWriter"]
+
+
+def _records(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(start, end, physical lines)`` of each CSV record in ``data``.
+
+    A newline inside a quoted field does not end a record: RFC 4180 escapes a
+    quote by doubling it, so a record ends at the first newline after which
+    its quotes balance. The last record may lack its newline.
+    """
+    pos, start, lines, quotes = 0, 0, 0, 0
+    n = len(data)
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        end = n if nl < 0 else nl + 1
+        quotes += data.count(b'"', pos, end)
+        lines += 1
+        pos = end
+        if quotes % 2 == 0:
+            yield start, end, lines
+            start, lines, quotes = end, 0, 0
+    if start < n:
+        yield start, n, lines
+
+
+class CsvReader(FileReader):
+    """Reads CSV with a header row: each record is one row, keyed by the header.
+
+    Values are strings, as in the file (an empty field is ``""``). Quoted
+    fields may hold commas and newlines. Several files (a prefix or glob) are
+    read in sorted order; each has its own header. Batches are byte ranges of
+    whole records; each worker reads only its batches' ranges (and the
+    header). Compressed CSV is not supported: decompress it, or use JSONL.
+    """
+
+    kind = "csv"
+    payload_format = "csv"
+    example = "data.csv"
+
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
+        super().__init__(path, storage_options)
+        self._headers: dict[int, bytes] = {}
+
+    def validate(self) -> None:
+        super().validate()
+        for url in self.files():
+            if url.endswith((".gz", ".bz2", ".zst", ".xz")):
+                raise InputError(
+                    f"{url}: compressed CSV cannot be read in byte ranges; decompress it, or "
+                    "convert it to JSONL (which skybatch decompresses for you)"
+                )
+
+    def plan(self, batch_size: int) -> Iterator[BatchPlan]:
+        index = row = 0
+        for number, url in enumerate(self.files()):
+            carry, offset, line_no = b"", 0, 0
+            header_seen = False
+            batch: list[int] | None = None  # [start, first line, rows]
+            with (
+                storage.translate_errors(url, "read input", InputError),
+                storage.open_stream(url, self.storage_options) as f,
+            ):
+                while True:
+                    chunk = f.read(defaults.INDEX_CHUNK)
+                    data = carry + chunk
+                    last = not chunk
+                    # Only whole records; the tail waits for the next chunk.
+                    cut = len(data) if last else data.rfind(b"\n") + 1
+                    done = 0
+                    for start, end, lines in _records(data[:cut]):
+                        if not last and end == cut and data[start:end].count(b'"') % 2:
+                            break  # a quoted field runs on into the next chunk
+                        done = end
+                        first_line = line_no + 1
+                        line_no += lines
+                        if not data[start:end].strip():
+                            continue
+                        if not header_seen:
+                            header_seen = True
+                            continue
+                        if batch is None:
+                            batch = [offset + start, first_line, 0]
+                        batch[2] += 1
+                        if batch[2] == batch_size:
+                            yield BatchPlan(
+                                index, number, batch[0], offset + end, row, batch_size, batch[1]
+                            )
+                            index, row, batch = index + 1, row + batch_size, None
+                    carry = data[done:]
+                    offset += done
+                    if last:
+                        break
+            if batch is not None:
+                yield BatchPlan(index, number, batch[0], offset, row, batch[2], batch[1])
+                index, row = index + 1, row + batch[2]
+            if not header_seen:
+                raise InputError(f"{url}: the file is empty; a CSV input needs a header row")
+
+    def _header(self, file: int) -> bytes:
+        header = self._headers.get(file)
+        if header is None:
+            url = self.files()[file]
+            size = 64 * 1024
+            while True:
+                data = storage.read_range(url, 0, size, self.storage_options)
+                found = next(
+                    (
+                        data[s:e]
+                        for s, e, _ in _records(data)
+                        if data[s:e].strip() and e < len(data)
+                    ),
+                    None,
+                )
+                if found is not None or len(data) < size:
+                    header = found if found is not None else data
+                    break
+                size *= 4
+            self._headers[file] = header
+        return header
+
+    def read(self, batch: BatchPlan) -> bytes:
+        url = self.files()[batch.file]
+        body = storage.read_range(url, batch.start, batch.end, self.storage_options)
+        header = self._header(batch.file)
+        if not header.endswith(b"\n"):
+            header += b"\n"
+        return header + body
+
+    def split(self, batch: BatchPlan) -> list[BatchPlan]:
+        url = self.files()[batch.file]
+        data = storage.read_range(url, batch.start, batch.end, self.storage_options)
+        want = batch.row_count // 2
+        rows, line, cut = 0, batch.line, 0
+        for _, end, lines in _records(data):
+            if data[cut:end].strip():
+                rows += 1
+            line += lines
+            cut = end
+            if rows == want:
+                break
+        mid = batch.start + cut
+        return [
+            BatchPlan(0, batch.file, batch.start, mid, batch.row_start, want, batch.line),
+            BatchPlan(
+                0, batch.file, mid, batch.end, batch.row_start + want, batch.row_count - want, line
+            ),
+        ]
+
+
+class CsvWriter(OutputWriter):
+    """Writes results as one CSV file with a header row, one record per input row.
+
+    The columns are ``column`` (a name or a list) or, without it, the keys of
+    the first result; every result must have the same keys. ``None`` becomes
+    an empty field, lists and dicts become JSON text, numpy values numbers.
+    """
+
+    kind = "csv"
+    part_format = "csv"
+    part_ext = "csv"
+
+    def __init__(
+        self,
+        path: str,
+        column: str | Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise TypeError("CsvWriter(path): path must be a non-empty string")
+        self.path = storage.resolve(path)
+        self.columns = normalize_columns(column)
+        self.storage_options = storage_options
+
+    def __repr__(self) -> str:
+        col = f", column={self.columns!r}" if self.columns else ""
+        return f"CsvWriter({self.path!r}{col})"
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "column": self.columns,
+            "storage_options": self.storage_options,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CsvWriter:
+        return cls(spec["path"], spec.get("column"), spec.get("storage_options"))
+
+    def prepare(self, job_id: int, overwrite: bool) -> None:
+        self.prepare_file(job_id, overwrite, "out.csv")
+
+    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
+        # Every part starts with its header line; the output has one.
+        return self.stage_concatenated(job_id, parts, skip_first_line=True)

@@ -1,0 +1,106 @@
+"""CSV planning (quoted newlines, chunk edges) and Parquet row-group planning."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from skybatch import defaults
+from skybatch.errors import InputError
+from skybatch.io.csvio import CsvReader
+from skybatch.io.parquetio import ParquetReader
+
+
+def csv_rows(reader: CsvReader, batch_size: int) -> list[list[dict[str, str]]]:
+    reader.validate()
+    out = []
+    for plan in reader.plan(batch_size):
+        payload = reader.read(plan)
+        rows = list(csv.DictReader(io.StringIO(payload.decode(), newline="")))
+        assert len(rows) == plan.row_count
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_csv_batches_keep_quoted_newlines_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    rng = random.Random(seed)
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", rng.choice([7, 33, 4096]))
+    rows = [
+        {
+            "id": str(i),
+            "text": rng.choice(["plain", 'say "hi"', "a,b", "two\nlines", "x\r\ny", ""]),
+        }
+        for i in range(rng.randint(1, 40))
+    ]
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, ["id", "text"], lineterminator=rng.choice(["\n", "\r\n"]))
+    w.writeheader()
+    w.writerows(rows)
+    path = tmp_path / "d.csv"
+    path.write_bytes(buf.getvalue().encode())
+    size = rng.randint(1, 6)
+    batches = csv_rows(CsvReader(str(path)), size)
+    assert [r for b in batches for r in b] == rows
+    assert all(len(b) == size for b in batches[:-1])
+
+
+def test_csv_line_numbers_and_split(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('id,text\n0,"a\nb"\n1,c\n\n2,d\n3,e\n')
+    reader = CsvReader(str(path))
+    reader.validate()
+    plans = list(reader.plan(3))
+    assert [(p.row_start, p.row_count, p.line) for p in plans] == [(0, 3, 2), (3, 1, 7)]
+    halves = reader.split(plans[0])
+    got = [
+        [r["id"] for r in csv.DictReader(io.StringIO(reader.read(h).decode(), newline=""))]
+        for h in halves
+    ]
+    assert got == [["0"], ["1", "2"]]
+    assert [h.line for h in halves] == [2, 4]
+
+
+def test_csv_without_header_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "e.csv").write_text("")
+    reader = CsvReader(str(tmp_path / "e.csv"))
+    reader.validate()
+    with pytest.raises(InputError, match=r"e.csv: the file is empty; a CSV input needs a header"):
+        list(reader.plan(2))
+
+
+def test_parquet_batches_follow_row_groups_and_columns(tmp_path: Path) -> None:
+    table = pa.table({"i": list(range(25)), "s": [f"r{i}" for i in range(25)], "b": [b"x"] * 25})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)
+    pq.write_table(table.slice(0, 3), tmp_path / "b.parquet")
+    reader = ParquetReader(str(tmp_path), columns=["i", "b"])
+    reader.validate()
+    plans = list(reader.plan(8))
+    assert [(p.file, p.start, p.end, p.row_start) for p in plans] == [
+        (0, 0, 8, 0), (0, 8, 16, 8), (0, 16, 24, 16), (0, 24, 25, 24), (1, 0, 3, 25)
+    ]  # fmt: skip
+    rows = [pickle.loads(reader.read(p)) for p in plans]
+    assert rows[1][0] == {"i": 8, "b": b"x"} and rows[1][-1] == {"i": 15, "b": b"x"}
+    assert [r["i"] for b in rows for r in b] == [*range(25), 0, 1, 2]
+    halves = reader.split(plans[1])
+    assert [[r["i"] for r in pickle.loads(reader.read(h))] for h in halves] == [
+        [8, 9, 10, 11], [12, 13, 14, 15]
+    ]  # fmt: skip
+
+
+def test_parquet_reader_names_a_missing_column_and_a_bad_file(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"i": [1]}), tmp_path / "a.parquet")
+    with pytest.raises(InputError, match=r"a.parquet has no column 'x'; its columns are \['i'\]"):
+        ParquetReader(str(tmp_path / "a.parquet"), columns=["x"]).validate()
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match=r"bad.parquet is not a Parquet file"):
+        ParquetReader(str(tmp_path / "bad.parquet")).validate()
