@@ -385,3 +385,62 @@ def test_resume_of_a_compressed_input_whose_scratch_is_gone(
         f"job {e.value.job_id}'s decompressed input was removed with its staging area "
         "(nothing had committed); submit a new job"
     )
+
+
+@skybatch.remote_function
+def draw_and_measure():
+    from PIL import Image
+
+    for batch in skybatch.load():
+        skybatch.save_results(
+            [{"id": int(r["id"]), "image": Image.new("RGB", (8, 8), (int(r["id"]), 0, 0)),
+              "name": r["name"]} for r in batch]
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_every_format_on_object_storage(cloud: Deployment, scheme: str) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    fs, bucket = new_bucket(scheme)
+    fs.pipe_file(f"{bucket}/in.csv", b'id,name\n0,"a, b"\n1,"multi\nline"\n2,c\n3,d\n4,e\n')
+    skybatch.Dataset(skybatch.CsvReader(f"{bucket}/in.csv")).map(
+        draw_and_measure, pool_name="pool", batch_size=2,
+        output=[
+            skybatch.ImageWriter(f"{bucket}/img/"),
+            skybatch.ParquetWriter(f"{bucket}/out.parquet"),
+            skybatch.CsvWriter(f"{bucket}/out.csv", column=["id", "name"]),
+            skybatch.JsonWriter(f"{bucket}/shards", shards=True),
+        ],
+    )  # fmt: skip
+    names = [f"{i:08d}.png" for i in range(5)]
+    assert objects(fs, f"{bucket}/img") == names
+    img = Image.open(io.BytesIO(fs.cat_file(f"{bucket}/img/00000003.png")))
+    assert img.getpixel((0, 0)) == (3, 0, 0)
+    table = pq.read_table(io.BytesIO(fs.cat_file(f"{bucket}/out.parquet")))
+    assert table.to_pylist()[1] == {"id": 1, "image": "00000001.png", "name": "multi\nline"}
+    assert table.schema.field("id").type == pa.int64()
+    assert fs.cat_file(f"{bucket}/out.csv") == (
+        b'id,name\n0,"a, b"\n1,"multi\nline"\n2,c\n3,d\n4,e\n'
+    )
+    assert objects(fs, f"{bucket}/shards") == [f"part-{i:05d}.jsonl" for i in range(3)]
+    # Parquet back in, from the bucket: only the row groups and columns asked for.
+    skybatch.Dataset(skybatch.ParquetReader(f"{bucket}/out.parquet", columns=["id"])).map(
+        copy_parquet_id, pool_name="pool", batch_size=2,
+        output=skybatch.JsonWriter(f"{bucket}/ids.jsonl"),
+    )  # fmt: skip
+    assert fs.cat_file(f"{bucket}/ids.jsonl") == b"".join(
+        f'{{"id": {i}}}\n'.encode() for i in range(5)
+    )
+    # Nothing staged is left anywhere in the bucket.
+    assert not [p for p in objects(fs, bucket) if ".skybatch" in p]
+
+
+@skybatch.remote_function
+def copy_parquet_id():
+    for batch in skybatch.load():
+        skybatch.save_results([{"id": r["id"]} for r in batch])

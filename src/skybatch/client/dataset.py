@@ -192,6 +192,7 @@ class Dataset:
             raise ConfigError(
                 f"Dataset needs a reader such as skybatch.JsonReader('data.jsonl'), got {reader!r}"
             )
+        reader.to_spec()  # a reader of your own that cannot travel fails here, not at map()
         self.reader: InputReader | None = reader
         self._items: str | None = None
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import pickle
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
-from skybatch.errors import OutputError
+from skybatch.errors import ConfigError, InputError, OutputError, SkyBatchError
 from skybatch.io import storage
 
 __all__ = [
@@ -71,11 +72,36 @@ _WRITERS: dict[str, type[OutputWriter]] = {}
 
 
 class InputReader:
-    """Base class of input formats. Subclasses set ``kind`` and implement the methods."""
+    """Base class of input formats.
+
+    A reader of your own needs only two methods, as in Sky Batch::
+
+        @dataclass
+        class RangeReader(skybatch.InputReader):
+            count: int
+
+            def __len__(self) -> int:                      # how many rows
+                return self.count
+
+            def download_batch(self, start_idx, end_idx, cache_dir):
+                # rows start_idx..end_idx (inclusive), on a worker
+                return [{"index": i} for i in range(start_idx, end_idx + 1)]
+
+    ``__len__`` runs on the server to plan batches of ``batch_size`` rows;
+    ``download_batch`` runs on a worker (in its agent, ahead of the mapper) and
+    returns that batch's rows as dicts. ``cache_dir`` is a directory on the
+    worker for files it downloads. The class travels like a mapper: from an
+    importable module by name, from your script as source (with its module's
+    imports); its attributes must be JSON values.
+
+    Built-in formats implement the lower-level methods instead (``plan``,
+    ``read``, ``split``: byte ranges planned while streaming the input).
+    """
 
     kind: ClassVar[str] = ""
-    #: How the runner decodes what ``read`` returns.
-    payload_format: ClassVar[str] = "jsonl"
+    #: How the runner decodes what ``read`` returns ("jsonl", "csv", or "records":
+    #: a pickle of the row dicts).
+    payload_format: ClassVar[str] = "records"
     #: Where :meth:`plan` may store data workers read (a compressed input's
     #: plain lines); chosen by the server at submit, beside the first output.
     scratch: str | None = None
@@ -85,8 +111,42 @@ class InputReader:
         if cls.kind:
             _READERS[cls.kind] = cls
 
-    def to_spec(self) -> dict[str, Any]:
+    # -- the Sky Batch interface -------------------------------------------------------
+
+    def __len__(self) -> int:
         raise NotImplementedError
+
+    def __bool__(self) -> bool:
+        # A reader is always a reader, whatever its length (or lack of one).
+        return True
+
+    def download_batch(self, start_idx: int, end_idx: int, cache_dir: str) -> list[dict[str, Any]]:
+        """Rows ``start_idx`` to ``end_idx`` *inclusive*, as a list of dicts."""
+        raise NotImplementedError
+
+    def _by_index(self) -> bool:
+        return type(self).download_batch is not InputReader.download_batch
+
+    def _rows(self) -> int:
+        try:
+            n = len(self)
+        except NotImplementedError:
+            raise ConfigError(
+                f"{type(self).__name__} must implement __len__ (how many rows) and "
+                "download_batch(start_idx, end_idx, cache_dir), or plan/read/split"
+            ) from None
+        except Exception as e:
+            raise InputError(f"{self.describe()}: len() failed: {type(e).__name__}: {e}") from e
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InputError(f"{self.describe()}: len() must be a count of rows, got {n!r}")
+        return n
+
+    # -- what the server and agents call ---------------------------------------------
+
+    def to_spec(self) -> dict[str, Any]:
+        from skybatch.io.custom import custom_spec
+
+        return custom_spec(self, "reader")
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> InputReader:
@@ -94,18 +154,25 @@ class InputReader:
 
     def describe(self) -> str:
         """A short name for messages (usually the path)."""
-        raise NotImplementedError
+        return repr(self)
 
     def validate(self) -> None:
         """Raise :class:`~skybatch.errors.InputError` unless the input is readable."""
-        raise NotImplementedError
+        if not self._by_index():
+            raise ConfigError(
+                f"{type(self).__name__} must implement download_batch(start_idx, end_idx, "
+                "cache_dir) and __len__, or plan/read/split"
+            )
+        self._rows()
 
     def files(self) -> list[str]:
-        raise NotImplementedError
+        return []
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this input's content (sizes, mtimes or ETags): a resume
         refuses an input that changed, since its batches would no longer line up."""
+        if self._by_index():
+            return {"rows": self._rows()}
         out: dict[str, Any] = {}
         for url in self.files():
             fs, path = storage.filesystem(url, getattr(self, "storage_options", None))
@@ -121,15 +188,39 @@ class InputReader:
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         """Yield the batches in order, streaming the input with bounded memory."""
-        raise NotImplementedError
+        total = self._rows()
+        for index, start in enumerate(range(0, total, batch_size)):
+            count = min(batch_size, total - start)
+            yield BatchPlan(index, 0, start, start + count, start, count, start + 1)
 
     def read(self, batch: BatchPlan) -> bytes:
         """The payload of one batch, read from storage with a ranged read."""
-        raise NotImplementedError
+        cache = os.path.abspath(os.path.join(".skybatch", "cache"))
+        os.makedirs(cache, exist_ok=True)
+        label = f"{type(self).__name__}.download_batch({batch.start}, {batch.end - 1})"
+        try:
+            rows = self.download_batch(batch.start, batch.end - 1, cache)
+        except Exception as e:
+            raise InputError(f"{label} failed: {type(e).__name__}: {e}") from e
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise InputError(f"{label} must return a list of dicts, got {type(rows).__name__}")
+        if len(rows) != batch.row_count:
+            raise InputError(
+                f"{label} returned {len(rows)} rows for {batch.row_count}; end_idx is inclusive"
+            )
+        return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
 
     def split(self, batch: BatchPlan) -> list[BatchPlan]:
         """Two halves of a batch (to isolate failing rows); indices are set by the caller."""
-        raise NotImplementedError
+        half = batch.row_count // 2
+        mid = batch.start + half
+        return [
+            BatchPlan(0, batch.file, batch.start, mid, batch.row_start, half, batch.line),
+            BatchPlan(
+                0, batch.file, mid, batch.end, batch.row_start + half, batch.row_count - half,
+                batch.line + half,
+            ),
+        ]  # fmt: skip
 
 
 class OutputWriter:
@@ -143,21 +234,50 @@ class OutputWriter:
     kind: ClassVar[str] = ""
     #: How the runner formats a part: "jsonl", "csv", "records" (a pickle of
     #: plain rows, converted by the agent) or "image".
-    part_format: ClassVar[str] = "jsonl"
+    part_format: ClassVar[str] = "records"
     #: File extension of stored parts.
-    part_ext: ClassVar[str] = "jsonl"
+    part_ext: ClassVar[str] = "part"
 
     path: str
-    columns: list[str] | None
-    storage_options: dict[str, Any] | None
+    columns: list[str] | None = None
+    storage_options: dict[str, Any] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.kind:
             _WRITERS[cls.kind] = cls
 
-    def to_spec(self) -> dict[str, Any]:
+    # -- the interface of a writer of your own ------------------------------------------
+
+    def write_batch(self, rows: list[dict[str, Any]]) -> bytes:
+        """One batch's part: the bytes of these rows in this format (on a worker)."""
         raise NotImplementedError
+
+    def reduce(self, parts: Iterator[IO[bytes]], out: IO[bytes]) -> None:
+        """Write the final output to ``out`` from the parts, in input order (on the
+        server). The default concatenates them."""
+        for part in parts:
+            shutil.copyfileobj(part, out, 1024 * 1024)
+
+    def _by_batch(self) -> bool:
+        return type(self).write_batch is not OutputWriter.write_batch
+
+    # -- what the server and agents call ---------------------------------------------
+
+    def to_spec(self) -> dict[str, Any]:
+        from skybatch.io.custom import custom_spec
+
+        if not isinstance(getattr(self, "path", None), str):
+            raise ConfigError(
+                f"{type(self).__name__} needs a `path` attribute: where the output goes"
+            )
+        if not self._by_batch():
+            raise ConfigError(
+                f"{type(self).__name__} must implement write_batch(rows) -> bytes (and may "
+                "override reduce(parts, out))"
+            )
+        # Like every writer spec, it names its path (for clashes, resume, reduce_results).
+        return {**custom_spec(self, "writer"), "path": self.path}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> OutputWriter:
@@ -168,7 +288,10 @@ class OutputWriter:
 
     def runner_spec(self) -> dict[str, Any]:
         """What the runner needs to format this writer's part of a batch."""
-        return {"format": self.part_format, "columns": self.columns}
+        columns = self.columns
+        if columns is None and isinstance(getattr(self, "column", None), (str, list)):
+            columns = [self.column] if isinstance(self.column, str) else self.column  # type: ignore[attr-defined]
+        return {"format": self.part_format, "columns": columns}
 
     # -- staging -------------------------------------------------------------------
 
@@ -187,13 +310,21 @@ class OutputWriter:
 
     def prepare(self, job_id: int, overwrite: bool) -> None:
         """At submit, on the server: fail now if the output cannot be produced."""
-        raise NotImplementedError
+        self.prepare_file(job_id, overwrite, "out")
 
     def output_exists(self) -> bool:
         """Whether a final output is already there (publishing over it needs overwrite)."""
         return storage.exists(self.path, self.storage_options)
 
     def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
+        if self._by_batch():
+            rows = pickle.loads(data)  # plain values from this job's runner
+            data = self.write_batch(rows)
+            if not isinstance(data, (bytes, bytearray)):
+                raise OutputError(
+                    f"{type(self).__name__}.write_batch must return bytes, got "
+                    f"{type(data).__name__}"
+                )
         storage.write_bytes(self.part_path(job_id, batch, attempt), data, self.storage_options)
 
     def discard_part(self, job_id: int, batch: int, attempt: int) -> None:
@@ -201,7 +332,29 @@ class OutputWriter:
 
     def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         """Merge the parts, in order, into a staged final output (not yet visible)."""
-        raise NotImplementedError
+        urls = [self.part_path(job_id, p.batch, p.attempt) for p in parts]
+
+        def streams() -> Iterator[IO[bytes]]:
+            for url in urls:
+                with (
+                    storage.translate_errors(url, "read part", OutputError),
+                    storage.open_stream(url, self.storage_options) as f,
+                ):
+                    yield f
+
+        staged = storage.StagedFile(self.path, self.storage_options)
+        try:
+            with staged.open() as out:
+                self.reduce(streams(), out)
+        except SkyBatchError:
+            staged.discard()
+            raise
+        except Exception as e:
+            staged.discard()
+            raise OutputError(
+                f"{type(self).__name__}.reduce failed: {type(e).__name__}: {e}"
+            ) from e
+        return staged
 
     def cleanup(self, job_id: int | str) -> None:
         """Remove the job's staging area (its parts). The final output stays."""
@@ -260,7 +413,9 @@ class OutputWriter:
         with storage.translate_errors(self.path, "check output", OutputError):
             if not fs.isdir(path):
                 return False
-            return bool(fs.find(path, maxdepth=None, withdirs=False))
+            found = fs.find(path, detail=True)
+        # Directory entries do not count (some stores keep one after the last file goes).
+        return any(info.get("type") != "directory" for info in found.values())
 
     def stage_concatenated(
         self, job_id: int | str, parts: Sequence[Part], skip_first_line: bool = False
@@ -323,6 +478,11 @@ def _load_kind(kind: str) -> None:
 
 def reader_from_spec(spec: dict[str, Any]) -> InputReader:
     kind = spec.get("kind", "")
+    if kind == "custom":
+        from skybatch.io.custom import from_custom_spec
+
+        reader: InputReader = from_custom_spec(spec, InputReader)
+        return reader
     if kind not in _READERS:
         _load_kind(kind)
     cls = _READERS.get(kind)
@@ -333,6 +493,11 @@ def reader_from_spec(spec: dict[str, Any]) -> InputReader:
 
 def writer_from_spec(spec: dict[str, Any]) -> OutputWriter:
     kind = spec.get("kind", "")
+    if kind == "custom":
+        from skybatch.io.custom import from_custom_spec
+
+        writer: OutputWriter = from_custom_spec(spec, OutputWriter)
+        return writer
     if kind not in _WRITERS:
         _load_kind(kind)
     cls = _WRITERS.get(kind)

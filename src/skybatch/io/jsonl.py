@@ -47,6 +47,7 @@ class JsonReader(FileReader):
     """
 
     kind = "jsonl"
+    payload_format = "jsonl"
     example = "data.jsonl"
 
     def uses_scratch(self) -> bool:
