@@ -146,3 +146,32 @@ def test_custom_classes_that_cannot_work_are_refused_early(
             double_index, pool_name="pool", batch_size=1,
             output=HalfWriter(str(tmp_path / "h.txt")),
         )  # fmt: skip
+
+
+def test_a_script_reader_using_a_module_level_name_is_refused_at_once(tmp_path: Path) -> None:
+    (tmp_path / "job.py").write_text(
+        textwrap.dedent("""
+        import skybatch
+
+        LIMIT = 10
+
+        class Capped(skybatch.InputReader):
+            def __len__(self):
+                return LIMIT
+
+            def download_batch(self, start_idx, end_idx, cache_dir):
+                return [{"i": i} for i in range(start_idx, end_idx + 1)]
+
+        try:
+            skybatch.Dataset(Capped())
+        except skybatch.ConfigError as e:
+            print(e)
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, "job.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip() == (
+        "reader Capped.__len__ uses the module-level name 'LIMIT', which is not sent to the "
+        "server and workers; import it at the top of the module, or define it inside the method"
+    )

@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import ast
 import builtins
-import dis
 import inspect
 import textwrap
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+from skybatch.codecheck import global_names
 from skybatch.errors import MapperError
 
 __all__ = ["RemoteFunction", "remote_function"]
-
-
-def _global_names(code: types.CodeType) -> Iterator[tuple[str, str]]:
-    """(opname, name) for every global load or store in ``code`` and nested code."""
-    instructions = list(dis.get_instructions(code))
-    # A class body inside the mapper loads its own names with LOAD_NAME: not globals.
-    own = {str(i.argval) for i in instructions if i.opname == "STORE_NAME"}
-    for ins in instructions:
-        if ins.opname in ("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL") or (
-            ins.opname == "LOAD_NAME" and ins.argval not in own
-        ):
-            yield ins.opname, str(ins.argval)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _global_names(const)
 
 
 def _skybatch_alias(value: Any) -> str | None:
@@ -98,7 +83,7 @@ class RemoteFunction:
     def _check_globals(self, where: str) -> dict[str, str]:
         aliases: dict[str, str] = {}
         env = self.fn.__globals__
-        for op, name in _global_names(self.fn.__code__):
+        for op, name in global_names(self.fn.__code__):
             if op != "LOAD_GLOBAL" and op != "LOAD_NAME":
                 raise MapperError(
                     f"{where} assigns the module-level name {name!r} (`global {name}`); "

@@ -11,6 +11,7 @@ instance's state is its ``__dict__``, which must be JSON values.
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import importlib
 import inspect
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from skybatch.codecheck import global_names
 from skybatch.errors import ConfigError
 
 __all__ = ["KIND", "custom_spec", "from_custom_spec"]
@@ -31,6 +33,40 @@ KIND = "custom"
 
 _loaded: dict[str, type] = {}
 _lock = threading.Lock()
+
+
+def _imported_names(imports: str) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(imports).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names.add((alias.asname or alias.name).split(".")[0])
+    return names
+
+
+def _check_globals(cls: type, imports: str, what: str) -> None:
+    """Refuse, now, a method that uses a module-level name the workers will not have:
+    the same early check as for a mapper."""
+    allowed = _imported_names(imports) | {cls.__name__, "skybatch", "__name__", "__class__"}
+    source_file = inspect.getsourcefile(cls)
+    for attr, value in vars(cls).items():
+        fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        if isinstance(fn, property):
+            fn = fn.fget
+        code = getattr(fn, "__code__", None)
+        # Only methods written in the user's file: @dataclass generates others.
+        if not isinstance(code, types.CodeType) or code.co_filename != source_file:
+            continue
+        for op, name in global_names(code):
+            if name in allowed or (op == "LOAD_GLOBAL" and hasattr(builtins, name)):
+                continue
+            if op == "LOAD_NAME" and hasattr(builtins, name):
+                continue
+            raise ConfigError(
+                f"{what} {cls.__qualname__}.{attr} uses the module-level name {name!r}, which "
+                "is not sent to the server and workers; import it at the top of the module, "
+                "or define it inside the method"
+            )
 
 
 def _module_imports(cls: type) -> str:
@@ -66,11 +102,14 @@ def _class_ref(cls: type, what: str) -> dict[str, Any]:
                 "interactive session?); define it in a .py file or an importable module"
             ) from None
         source = None
+    imports = _module_imports(cls) if source else ""
+    if cls.__module__ == "__main__":
+        _check_globals(cls, imports, what)
     return {
         "module": cls.__module__,
         "qualname": cls.__qualname__,
         "source": source,
-        "imports": _module_imports(cls) if source else "",
+        "imports": imports,
         "file": inspect.getsourcefile(cls) if source else None,
     }
 

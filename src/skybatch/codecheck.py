@@ -1,0 +1,25 @@
+"""Which global names a piece of code uses: the early check on code that travels
+(mappers, custom readers and writers) to processes that lack the user's globals."""
+
+from __future__ import annotations
+
+import dis
+import types
+from collections.abc import Iterator
+
+__all__ = ["global_names"]
+
+
+def global_names(code: types.CodeType) -> Iterator[tuple[str, str]]:
+    """(opname, name) for every global load or store in ``code`` and nested code."""
+    instructions = list(dis.get_instructions(code))
+    # A class body inside the mapper loads its own names with LOAD_NAME: not globals.
+    own = {str(i.argval) for i in instructions if i.opname == "STORE_NAME"}
+    for ins in instructions:
+        if ins.opname in ("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL") or (
+            ins.opname == "LOAD_NAME" and ins.argval not in own
+        ):
+            yield ins.opname, str(ins.argval)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from global_names(const)
