@@ -246,3 +246,30 @@ def test_outputs_publish_together_or_not_at_all(shared: Deployment, tmp_path: Pa
 
 def _last_job() -> str:
     return str(skybatch.jobs_queue()[-1].id)
+
+
+@skybatch.remote_function
+def fails_on_row_7():
+    for batch in skybatch.load():
+        if any(r["i"] == 7 for r in batch):
+            raise ValueError("row 7")
+        skybatch.save_results([{"i": r["i"]} for r in batch])
+
+
+def test_partial_shards_then_resume(shared: Deployment, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"i": i} for i in range(10)])
+    ds = skybatch.Dataset(skybatch.JsonReader(str(tmp_path / "in.jsonl")))
+    out = skybatch.JsonWriter(str(tmp_path / "out"), shards=True)
+    with pytest.raises(JobFailedError) as e:
+        ds.map(fails_on_row_7, pool_name="pool", batch_size=5, output=out, max_retries=0)
+    job_id = e.value.job_id
+    # reduce_results publishes what committed (rows 0-4) and keeps the parts...
+    result = out.reduce_results(job_id=job_id)
+    missing = {i for first, last in result["missing"] for i in range(first, last + 1)}
+    assert 7 in missing
+    published = [r for p in sorted((tmp_path / "out").iterdir()) for r in read_jsonl(p)]
+    assert [r["i"] for r in published] == [i for i in range(10) if i not in missing]
+    # ...so a resume with a fixed mapper still publishes the whole output.
+    ds.map(numpy_to_json, pool_name="pool", batch_size=5, output=out, resume=job_id)
+    rows = [r for p in sorted((tmp_path / "out").iterdir()) for r in read_jsonl(p)]
+    assert [r["i"] for r in rows] == list(range(10))

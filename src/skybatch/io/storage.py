@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any, Protocol, cast
@@ -294,6 +295,8 @@ class StagedMoves:
         self.directory = directory
         self.moves = moves
         self.storage_options = storage_options
+        #: Copy instead of move (a partial reduce_results: a resume still needs the parts).
+        self.keep_sources = False
 
     def publish(self) -> None:
         fs, root = filesystem(self.directory, self.storage_options)
@@ -303,14 +306,18 @@ class StagedMoves:
             if is_local(self.directory):
                 for src, dst in self.moves:
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    os.replace(src, dst)
+                    if self.keep_sources:
+                        shutil.copyfile(src, dst)
+                    else:
+                        os.replace(src, dst)
                 return
             if not self.moves:
                 return
             srcs = [filesystem(src, self.storage_options)[1] for src, _ in self.moves]
             dsts = [filesystem(dst, self.storage_options)[1] for _, dst in self.moves]
             fs.copy(srcs, dsts)
-            fs.rm(srcs)
+            if not self.keep_sources:
+                fs.rm(srcs)
             fs.invalidate_cache()
 
     def discard(self) -> None:

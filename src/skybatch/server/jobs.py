@@ -675,7 +675,10 @@ class JobService:
         parts = self.ctx.store.committed_parts(job_id)
 
         def stage_and_publish() -> None:
-            writer.stage(job_id, parts).publish()
+            staged = writer.stage(job_id, parts)
+            if isinstance(staged, storage.StagedMoves):
+                staged.keep_sources = True  # the parts stay for a resume
+            staged.publish()
 
         await asyncio.to_thread(stage_and_publish)
         missing = self._missing_rows(job, parts)
