@@ -304,6 +304,7 @@ class StagedMoves:
             if fs.exists(root):
                 fs.rm(root, recursive=True)
             if is_local(self.directory):
+                os.makedirs(self.directory, exist_ok=True)  # exists even with no files
                 for src, dst in self.moves:
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     if self.keep_sources:
