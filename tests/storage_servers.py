@@ -63,6 +63,15 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise RuntimeError(f"{url}: no answer after {timeout}s: {log.read_text()[-2000:]}")
 
 
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A server in its own session (stopped by its PID's group), output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -126,11 +135,7 @@ def seaweedfs(root: Path, volumes: int = 100) -> Iterator[S3Server]:
         "-s3.port.lance=0", f"-s3.config={config}", "-master.volumeSizeLimitMB=64",
         f"-volume.max={volumes}",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = _spawn(cmd, log)
     try:
         server = S3Server(f"http://127.0.0.1:{s3}", proc.pid)
         _wait_s3_ready(server, proc, log)
@@ -196,11 +201,7 @@ def fake_gcs(root: Path) -> Iterator[GcsServer]:
         str(binary), "-host", "127.0.0.1", "-port", str(port), "-scheme", "http",
         "-backend", "memory", "-external-url", endpoint, "-log-level", "warn",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = _spawn(cmd, log)
     try:
         _wait_http(f"{endpoint}/storage/v1/b", proc, log)
         yield GcsServer(endpoint, proc.pid)

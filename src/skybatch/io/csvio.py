@@ -8,9 +8,8 @@ from typing import Any
 from skybatch import defaults
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, OutputWriter, Part
-from skybatch.io.files import FileReader
-from skybatch.io.jsonl import normalize_columns
+from skybatch.io.base import BatchPlan, Part
+from skybatch.io.files import FileReader, FileWriter
 
 __all__ = ["CsvReader", "CsvWriter"]
 
@@ -161,8 +160,9 @@ class CsvReader(FileReader):
         ]
 
 
-class CsvWriter(OutputWriter):
-    """Writes results as one CSV file with a header row, one record per input row.
+class CsvWriter(FileWriter):
+    """Writes results as CSV with a header row, one record per input row: one file,
+    or with ``shards=True`` a directory of ``part-00000.csv``, ... (each with its header).
 
     The columns are ``column`` (a name or a list) or, without it, the keys of
     the first result; every result must have the same keys. ``None`` becomes
@@ -173,37 +173,6 @@ class CsvWriter(OutputWriter):
     part_format = "csv"
     part_ext = "csv"
 
-    def __init__(
-        self,
-        path: str,
-        column: str | Sequence[str] | None = None,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        if not isinstance(path, str) or not path:
-            raise TypeError("CsvWriter(path): path must be a non-empty string")
-        self.path = storage.resolve(path)
-        self.columns = normalize_columns(column)
-        self.storage_options = storage_options
-
-    def __repr__(self) -> str:
-        col = f", column={self.columns!r}" if self.columns else ""
-        return f"CsvWriter({self.path!r}{col})"
-
-    def to_spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "column": self.columns,
-            "storage_options": self.storage_options,
-        }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> CsvWriter:
-        return cls(spec["path"], spec.get("column"), spec.get("storage_options"))
-
-    def prepare(self, job_id: int, overwrite: bool) -> None:
-        self.prepare_file(job_id, overwrite, "out.csv")
-
-    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
+    def merge(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         # Every part starts with its header line; the output has one.
         return self.stage_concatenated(job_id, parts, skip_first_line=True)

@@ -1,17 +1,30 @@
-"""Readers over a set of files: one file, a directory or prefix, or a glob."""
+"""File formats' shared parts: readers over a set of files (one file, a directory or
+prefix, or a glob) and writers of one file or a directory of shards."""
 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec.core
 
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import InputReader, content_stamp
+from skybatch.io.base import InputReader, OutputWriter, Part, content_stamp
 
-__all__ = ["FileReader"]
+__all__ = ["FileReader", "FileWriter", "normalize_columns"]
+
+
+def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
+    if column is None:
+        return None
+    if isinstance(column, str):
+        return [column]
+    columns = list(column)
+    if not columns or not all(isinstance(c, str) and c for c in columns):
+        raise ValueError("column must be a column name or a non-empty list of names")
+    return columns
 
 
 class FileReader(InputReader):
@@ -123,3 +136,65 @@ class FileReader(InputReader):
         if storage.is_local(self.path):
             return {p: found[p] for p in names}
         return {fs.unstrip_protocol(p): found[p] for p in names}
+
+
+class FileWriter(OutputWriter):
+    """An output of one file, its parts merged in row order; or, with ``shards=True``,
+    a directory of the parts themselves (``part-00000.<ext>``, ... in row order),
+    published without a merge, for outputs too big to be one file.
+
+    ``column`` selects the keys to keep (a name or a list of names), like SQL
+    SELECT. Subclasses set the formats and may override :meth:`merge`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        column: str | Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        shards: bool = False,
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise TypeError(f"{type(self).__name__}(path): path must be a non-empty string")
+        self.path = storage.resolve(path)
+        self.columns = normalize_columns(column)
+        self.storage_options = storage_options
+        self.shards = bool(shards)
+
+    def __repr__(self) -> str:
+        col = f", column={self.columns!r}" if self.columns else ""
+        shards = ", shards=True" if self.shards else ""
+        return f"{type(self).__name__}({self.path!r}{col}{shards})"
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "column": self.columns,
+            "storage_options": self.storage_options,
+            "shards": self.shards,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> FileWriter:
+        return cls(
+            spec["path"], spec.get("column"), spec.get("storage_options"), spec.get("shards", False)
+        )
+
+    def prepare(self, job_id: int, overwrite: bool) -> None:
+        if self.shards:
+            self.prepare_directory(job_id, overwrite)
+        else:
+            self.prepare_file(job_id, overwrite, f"out.{self.part_ext}")
+
+    def output_exists(self) -> bool:
+        return self.directory_has_files() if self.shards else super().output_exists()
+
+    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
+        if self.shards:
+            return self.stage_shards(job_id, parts)
+        return self.merge(job_id, parts)
+
+    def merge(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
+        """The parts, in order, as one staged file: concatenated, unless overridden."""
+        return self.stage_concatenated(job_id, parts)

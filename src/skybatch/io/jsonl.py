@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import Any
 
 import fsspec
 import fsspec.core
@@ -14,21 +13,10 @@ import orjson
 from skybatch import defaults
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, OutputWriter, Part
-from skybatch.io.files import FileReader
+from skybatch.io.base import BatchPlan
+from skybatch.io.files import FileReader, FileWriter
 
-__all__ = ["JsonReader", "JsonWriter", "normalize_columns"]
-
-
-def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
-    if column is None:
-        return None
-    if isinstance(column, str):
-        return [column]
-    columns = list(column)
-    if not columns or not all(isinstance(c, str) and c for c in columns):
-        raise ValueError("column must be a column name or a non-empty list of names")
-    return columns
+__all__ = ["JsonReader", "JsonWriter"]
 
 
 class JsonReader(FileReader):
@@ -263,63 +251,11 @@ def _all_objects(lines: list[bytes]) -> bool:
     return len(values) == len(lines) and all(type(v) is dict for v in values)
 
 
-class JsonWriter(OutputWriter):
-    """Writes results as JSON Lines, one line per input row, in input order.
-
-    ``column`` selects the keys to keep (a name or a list of names), like SQL
-    SELECT. With ``shards=True`` the output is a directory of part files
-    (``part-00000.jsonl``, ... in row order) published without merging them,
-    for outputs too big to be one file.
-    """
+class JsonWriter(FileWriter):
+    """Writes results as JSON Lines, one line per input row, in input order:
+    one file, or with ``shards=True`` a directory of ``part-00000.jsonl``, ...
+    ``column`` selects the keys to keep (a name or a list of names)."""
 
     kind = "jsonl"
     part_format = "jsonl"
     part_ext = "jsonl"
-
-    def __init__(
-        self,
-        path: str,
-        column: str | Sequence[str] | None = None,
-        storage_options: dict[str, Any] | None = None,
-        shards: bool = False,
-    ) -> None:
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"{type(self).__name__}(path): path must be a non-empty string")
-        self.path = storage.resolve(path)
-        self.columns = normalize_columns(column)
-        self.storage_options = storage_options
-        self.shards = bool(shards)
-
-    def __repr__(self) -> str:
-        col = f", column={self.columns!r}" if self.columns else ""
-        shards = ", shards=True" if self.shards else ""
-        return f"{type(self).__name__}({self.path!r}{col}{shards})"
-
-    def to_spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "column": self.columns,
-            "storage_options": self.storage_options,
-            "shards": self.shards,
-        }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> JsonWriter:
-        return cls(
-            spec["path"], spec.get("column"), spec.get("storage_options"), spec.get("shards", False)
-        )
-
-    def prepare(self, job_id: int, overwrite: bool) -> None:
-        if self.shards:
-            self.prepare_directory(job_id, overwrite)
-        else:
-            self.prepare_file(job_id, overwrite, f"out.{self.part_ext}")
-
-    def output_exists(self) -> bool:
-        return self.directory_has_files() if self.shards else super().output_exists()
-
-    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
-        if self.shards:
-            return self.stage_shards(job_id, parts)
-        return self.stage_concatenated(job_id, parts)

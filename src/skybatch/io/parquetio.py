@@ -12,18 +12,19 @@ import pyarrow.parquet as pq
 
 from skybatch.errors import InputError, OutputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, OutputWriter, Part
-from skybatch.io.files import FileReader
-from skybatch.io.jsonl import normalize_columns
+from skybatch.io.base import BatchPlan, Part
+from skybatch.io.files import FileReader, FileWriter, normalize_columns
 
 __all__ = ["ParquetReader", "ParquetWriter"]
 
 
-def _open_parquet(url: str, storage_options: dict[str, Any] | None) -> pq.ParquetFile:
+def _open_parquet(
+    url: str, storage_options: dict[str, Any] | None, metadata: pq.FileMetaData | None = None
+) -> pq.ParquetFile:
     fs, path = storage.filesystem(url, storage_options)
     # No read-ahead: pyarrow asks for exactly the footer and the column chunks it needs.
     f = path if storage.is_local(url) else fs.open(path, "rb", cache_type="none")
-    return pq.ParquetFile(f)
+    return pq.ParquetFile(f, metadata=metadata)
 
 
 class ParquetReader(FileReader):
@@ -47,34 +48,39 @@ class ParquetReader(FileReader):
     ) -> None:
         super().__init__(path, storage_options)
         self.columns = normalize_columns(columns)
-        self._groups: dict[int, list[int]] = {}  # file -> first row of each row group
+        # Per file, read once per process: its footer and the first row of each row
+        # group (plus the end), so a batch's read fetches only its column chunks.
+        self._footers: dict[int, pq.FileMetaData] = {}
+        self._groups: dict[int, list[int]] = {}
 
     def options(self) -> dict[str, Any]:
         return {"columns": self.columns}
 
     def validate(self) -> None:
         super().validate()
-        first = self.files()[0]
-        with storage.translate_errors(first, "read Parquet footer of", InputError):
-            try:
-                schema = _open_parquet(first, self.storage_options).schema_arrow
-            except pa.ArrowInvalid as e:
-                raise InputError(f"{first} is not a Parquet file ({e})") from None
+        schema = self._footer(0).schema.to_arrow_schema()
         missing = [c for c in self.columns or [] if c not in schema.names]
         if missing:
             raise InputError(
-                f"{first} has no column {missing[0]!r}; its columns are {schema.names!r}"
+                f"{self.files()[0]} has no column {missing[0]!r}; its columns are {schema.names!r}"
             )
 
-    def _row_groups(self, file: int) -> list[int]:
-        starts = self._groups.get(file)
-        if starts is None:
+    def _footer(self, file: int) -> pq.FileMetaData:
+        meta = self._footers.get(file)
+        if meta is None:
             url = self.files()[file]
             with storage.translate_errors(url, "read Parquet footer of", InputError):
                 try:
                     meta = _open_parquet(url, self.storage_options).metadata
                 except pa.ArrowInvalid as e:
                     raise InputError(f"{url} is not a Parquet file ({e})") from None
+            self._footers[file] = meta
+        return meta
+
+    def _row_groups(self, file: int) -> list[int]:
+        starts = self._groups.get(file)
+        if starts is None:
+            meta = self._footer(file)
             starts, row = [], 0
             for g in range(meta.num_row_groups):
                 starts.append(row)
@@ -99,25 +105,13 @@ class ParquetReader(FileReader):
         first = bisect.bisect_right(starts, batch.start) - 1
         last = bisect.bisect_left(starts, batch.end) - 1
         with storage.translate_errors(url, "read", InputError):
-            table = _open_parquet(url, self.storage_options).read_row_groups(
-                list(range(first, last + 1)), columns=self.columns
-            )
+            parquet = _open_parquet(url, self.storage_options, self._footer(batch.file))
+            table = parquet.read_row_groups(list(range(first, last + 1)), columns=self.columns)
         rows = table.slice(batch.start - starts[first], batch.row_count).to_pylist()
         return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def split(self, batch: BatchPlan) -> list[BatchPlan]:
-        half = batch.row_count // 2
-        mid = batch.start + half
-        return [
-            BatchPlan(0, batch.file, batch.start, mid, batch.row_start, half, batch.line),
-            BatchPlan(
-                0, batch.file, mid, batch.end, batch.row_start + half, batch.row_count - half,
-                batch.line + half,
-            ),
-        ]  # fmt: skip
 
-
-class ParquetWriter(OutputWriter):
+class ParquetWriter(FileWriter):
     """Writes results as Parquet: one file (default) or, with ``shards=True``, a
     directory of part files (``part-00000.parquet``, ...) published without a merge.
 
@@ -130,49 +124,6 @@ class ParquetWriter(OutputWriter):
     kind = "parquet"
     part_format = "records"
     part_ext = "parquet"
-
-    def __init__(
-        self,
-        path: str,
-        column: str | Sequence[str] | None = None,
-        storage_options: dict[str, Any] | None = None,
-        shards: bool = False,
-    ) -> None:
-        if not isinstance(path, str) or not path:
-            raise TypeError("ParquetWriter(path): path must be a non-empty string")
-        self.path = storage.resolve(path)
-        self.columns = normalize_columns(column)
-        self.storage_options = storage_options
-        self.shards = bool(shards)
-
-    def __repr__(self) -> str:
-        col = f", column={self.columns!r}" if self.columns else ""
-        shards = ", shards=True" if self.shards else ""
-        return f"ParquetWriter({self.path!r}{col}{shards})"
-
-    def to_spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "column": self.columns,
-            "storage_options": self.storage_options,
-            "shards": self.shards,
-        }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> ParquetWriter:
-        return cls(
-            spec["path"], spec.get("column"), spec.get("storage_options"), spec.get("shards", False)
-        )
-
-    def prepare(self, job_id: int, overwrite: bool) -> None:
-        if self.shards:
-            self.prepare_directory(job_id, overwrite)
-        else:
-            self.prepare_file(job_id, overwrite, "out.parquet")
-
-    def output_exists(self) -> bool:
-        return self.directory_has_files() if self.shards else super().output_exists()
 
     def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
         rows = pickle.loads(data)  # plain values from this job's runner
@@ -187,9 +138,7 @@ class ParquetWriter(OutputWriter):
         pq.write_table(table, sink)
         super().write_part(job_id, batch, attempt, sink.getvalue().to_pybytes())
 
-    def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
-        if self.shards:
-            return self.stage_shards(job_id, parts)
+    def merge(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         urls = [self.part_path(job_id, p.batch, p.attempt) for p in parts]
         schemas = []
         for url in urls:

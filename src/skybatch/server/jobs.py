@@ -83,6 +83,9 @@ class JobService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: dict[int, list[OutputWriter]] = {}
         self._reducing: set[int] = set()
+        # Jobs whose final status is recorded but whose staging area is still being
+        # removed: waiters see the end only after it, so nothing is left when ds.map returns.
+        self._finishing: set[int] = set()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -558,14 +561,28 @@ class JobService:
             return
         message = reason if reason is not None else self._failure_message(job)
         message = f"{message}\n{self._recovery_hint(job)}"
-        if self.ctx.store.set_job_status(job_id, JobStatus.FAILED, self.ctx.clock(), message):
-            log.info("job %d failed", job_id)
-        self._notify(job)
-        if not job.committed_batches:
-            # Nothing to recover: leave no staging area behind.
+        if job.committed_batches:
+            if self.ctx.store.set_job_status(job_id, JobStatus.FAILED, self.ctx.clock(), message):
+                log.info("job %d failed", job_id)
+            self._notify(job)
+            return
+        # Nothing to recover: leave no staging area behind.
+        await self._finish(job, JobStatus.FAILED, message)
+        log.info("job %d failed", job_id)
+
+    async def _finish(self, job: JobRecord, status: JobStatus, message: str | None = None) -> None:
+        """Record the job's final status, then remove its staging area; waiters wake after."""
+        self._finishing.add(job.id)
+        try:
+            writers = self.writers(job)
+            self.ctx.store.set_job_status(job.id, status, self.ctx.clock(), message)
+            self._writers.pop(job.id, None)
             await asyncio.to_thread(
-                self._cleanup, self.writers(job), job_id, reader_from_spec(job.spec["reader"])
+                self._cleanup, writers, job.id, reader_from_spec(job.spec["reader"])
             )
+        finally:
+            self._finishing.discard(job.id)
+            self._notify(job)
 
     async def cancel(self, job_id: int, reason: str = "cancelled") -> JobRecord:
         job = self.get(job_id)
@@ -610,12 +627,7 @@ class JobService:
             log.exception("reduce of job %d failed", job_id)
             await self._fail_reduce(job, f"job {job_id} could not publish its output: {e!r}")
             return
-        store.set_job_status(job_id, JobStatus.SUCCEEDED, self.ctx.clock())
-        self._writers.pop(job_id, None)
-        self._notify(job)
-        await asyncio.to_thread(
-            self._cleanup, writers, job_id, reader_from_spec(job.spec["reader"])
-        )
+        await self._finish(job, JobStatus.SUCCEEDED)
         log.info("job %d succeeded", job_id)
 
     async def _fail_reduce(self, job: JobRecord, message: str) -> None:
@@ -698,10 +710,14 @@ class JobService:
     # -- waiting and logs ------------------------------------------------------------------
 
     async def wait(self, job_id: int, version: int, timeout: float) -> JobRecord:
+        deadline = time.monotonic() + timeout
         job = self.get(job_id)
+        while job_id in self._finishing and time.monotonic() < deadline:
+            await self.ctx.notifier.wait(("job", job_id), deadline - time.monotonic())
+            job = self.get(job_id)
         if job.version != version or job.status.finished:
             return job
-        await self.ctx.notifier.wait(("job", job_id), timeout)
+        await self.ctx.notifier.wait(("job", job_id), max(0.0, deadline - time.monotonic()))
         return self.get(job_id)
 
     def append_log(self, job_id: int, worker_index: int, data: bytes) -> None:
