@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from skybatch.client.admin import cancel, jobs_queue, pool_apply, pool_down, pool_status
+from skybatch.client.admin import (
+    cancel,
+    jobs_queue,
+    pool_apply,
+    pool_down,
+    pool_status,
+    prune_jobs,
+)
 from skybatch.client.dataset import Dataset, Job
 from skybatch.client.remote import RemoteFunction, remote_function
 from skybatch.errors import (
@@ -82,6 +89,7 @@ __all__ = [
     "pool_apply",
     "pool_down",
     "pool_status",
+    "prune_jobs",
     "remote_function",
     "save_results",
 ]

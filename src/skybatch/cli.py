@@ -170,6 +170,10 @@ def jobs_queue_cmd() -> None:
     click.echo(
         _table(["ID", "NAME", "POOL", "STATUS", "BATCHES", "ROWS", "SUBMITTED", "DURATION"], rows)
     )
+    # Too long for a column: what holds a running job back, one line per job.
+    for j in views:
+        if j.health:
+            click.echo(f"Job {j.id}: {j.health}")
 
 
 @jobs.command("cancel")
@@ -181,6 +185,35 @@ def jobs_cancel_cmd(job_id: str) -> None:
 
     cancel(job_id)
     click.echo(f"Job {job_id} cancelled.")
+
+
+@jobs.command("prune")
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Only jobs that finished more than DAYS days ago.",
+)
+@click.option(
+    "--keep", type=click.IntRange(min=0), default=0, help="Keep the N newest finished jobs."
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_errors
+def jobs_prune_cmd(days: float | None, keep: int, yes: bool) -> None:
+    """Forget finished jobs: their state, logs and results (running jobs are kept)."""
+    from skybatch.client.admin import prune_jobs
+
+    if not yes:
+        which = "finished jobs" + (f" older than {days:g} days" if days is not None else "")
+        kept = f", keeping the {keep} newest," if keep else ""
+        click.confirm(
+            f"Forget {which}{kept} with their logs, results and kept parts?",
+            default=False,
+            abort=True,
+        )
+    pruned = prune_jobs(days, keep)
+    click.echo(f"Pruned {len(pruned)} finished job(s)." if pruned else "No jobs to prune.")
 
 
 @jobs.command("resume")
@@ -207,12 +240,18 @@ def jobs_logs_cmd(job_id: str, worker: int | None, follow: bool) -> None:
 
     client = Client.connect()
     offsets: dict[int, int] = {}
+    more = False
+    # Replies are paged (a megabyte at most): print each and ask for the next, so a
+    # huge log streams through in bounded memory.
     while True:
-        reply = client.logs(job_id, worker, offsets, wait=10 if follow else 0)
+        reply = client.logs(job_id, worker, offsets, wait=10 if follow and not more else 0)
         for chunk in reply["chunks"]:
             sys.stdout.write(format_log_chunk(chunk, tag=worker is None))
             offsets[chunk["worker"]] = chunk["offset"]
         sys.stdout.flush()
+        more = bool(reply.get("more"))
+        if more:
+            continue
         done = reply["status"] in ("SUCCEEDED", "FAILED", "CANCELLED")
         if not follow or (done and not any(c["text"] for c in reply["chunks"])):
             return
@@ -255,7 +294,7 @@ def server_status_cmd() -> None:
     from skybatch.config import home
     from skybatch.server.daemon import running_server
 
-    h = home()
+    h = home().check()
     info = running_server(h)
     if info is None:
         click.echo(f"Server not running (home {h.root}).")

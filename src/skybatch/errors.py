@@ -17,7 +17,8 @@ Each message is one line that says what is wrong and how to fix it, except
     ├── ConflictError          the request clashes with current state
     ├── PoolError              a pool could not be brought up (setup failed)
     ├── ServerError            the server could not be started or reached
-    │   └── AuthError          the token was refused
+    │   ├── AuthError          the token was refused
+    │   └── DiskFullError      the server's disk (SKYBATCH_HOME) is full
     └── JobError               a job did not succeed
         ├── JobFailedError     ... because its batches failed
         └── JobCancelledError  ... because it was cancelled
@@ -29,6 +30,7 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "ConflictError",
+    "DiskFullError",
     "InputError",
     "JobCancelledError",
     "JobError",
@@ -99,6 +101,12 @@ class AuthError(ServerError):
     http_status = 401
 
 
+class DiskFullError(ServerError):
+    """The server cannot write its state or logs: no space left on their file system."""
+
+    http_status = 507
+
+
 class JobError(SkyBatchError):
     """A job did not succeed."""
 
@@ -129,6 +137,7 @@ _BY_NAME: dict[str, type[SkyBatchError]] = {
         PoolError,
         ServerError,
         AuthError,
+        DiskFullError,
     )
 }
 

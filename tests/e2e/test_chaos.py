@@ -33,7 +33,8 @@ def digest():
 
 
 class Killer(threading.Thread):
-    """SIGKILLs a random agent or runner every 0.2-1 s; once, the server (then restarts it)."""
+    """SIGKILLs a busy agent first, then a random agent or runner every 0.2-1 s; once, after
+    1 s, the server (then restarts it)."""
 
     def __init__(self, deployment: Deployment, seed: int) -> None:
         super().__init__(daemon=True)
@@ -69,6 +70,15 @@ class Killer(threading.Thread):
                 targets = self._targets()
             except skybatch.SkyBatchError:
                 continue  # the server is restarting
+            if not any(k.startswith("agent") for k in self.kills):
+                # The first kill takes a busy agent (it has a runner): its lease is lost for
+                # sure, however short the job, so the job's record must show it.
+                busy = {pid for kind, pid in targets if kind == "runner"}
+                targets = [
+                    (kind, pid)
+                    for kind, pid in targets
+                    if kind == "agent" and busy & _children(pid)
+                ]
             if not targets:
                 continue
             kind, pid = self.rng.choice(targets)
@@ -78,6 +88,12 @@ class Killer(threading.Thread):
                 else:
                     os.kill(pid, signal.SIGKILL)
                 self.kills.append(f"{kind} {pid}")
+
+
+def _children(pid: int) -> set[int]:
+    with contextlib.suppress(psutil.Error):
+        return {c.pid for c in psutil.Process(pid).children()}
+    return set()
 
 
 def run_job(tmp_path: Path, name: str) -> skybatch.Job:

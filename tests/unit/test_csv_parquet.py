@@ -78,6 +78,29 @@ def test_csv_without_header_is_refused(tmp_path: Path) -> None:
         list(reader.plan(2))
 
 
+@pytest.mark.parametrize("chunk", [7, 4 * 1024 * 1024])
+def test_csv_record_longer_than_the_limit_names_line_and_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", chunk)
+    monkeypatch.setattr(defaults, "MAX_LINE_BYTES", 50)
+    path = tmp_path / "d.csv"
+    head = 'id,text\n0,"a\nb"\n'
+    # A quote left open makes the rest of the file one record.
+    path.write_text(head + '1,"oops\n' + "2,fine\n" * 20)
+    reader = CsvReader(str(path))
+    reader.validate()
+    with pytest.raises(InputError) as e:
+        list(reader.plan(2))
+    assert str(e.value) == (
+        f"{path} line 4 (byte {len(head)}) starts a record longer than the limit of 50 bytes; "
+        'check for a quote (") left open, or raise the limit: set SKYBATCH_MAX_LINE_BYTES in '
+        "the server's environment and restart the server"
+    )
+    path.write_text(head + "1," + "x" * 47 + "\n")  # 50 bytes with its newline: allowed
+    assert [p.row_count for p in reader.plan(2)] == [2]
+
+
 def test_parquet_batches_follow_row_groups_and_columns(tmp_path: Path) -> None:
     table = pa.table({"i": list(range(25)), "s": [f"r{i}" for i in range(25)], "b": [b"x"] * 25})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)

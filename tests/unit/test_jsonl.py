@@ -203,3 +203,95 @@ def test_fingerprint_sees_a_shard_added_since_submit(tmp_path: Path) -> None:
     assert JsonReader.from_spec(reader.to_spec()).fingerprint() == at_submit
     (tmp_path / "b.jsonl").write_text('{"i": 2}\n')
     assert JsonReader.from_spec(reader.to_spec()).fingerprint() != at_submit
+
+
+def _too_long(url: Path, line: int, byte: int, limit: int) -> str:
+    return (
+        f"{url} line {line} (byte {byte}) is longer than the limit of {limit} bytes; check "
+        "that the file is JSON Lines (one object per line), or raise the limit: set "
+        "SKYBATCH_MAX_LINE_BYTES in the server's environment and restart the server"
+    )
+
+
+@pytest.mark.parametrize("chunk", [7, 4 * 1024 * 1024])
+def test_a_line_longer_than_the_limit_fails_naming_file_line_and_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", chunk)
+    monkeypatch.setattr(defaults, "MAX_LINE_BYTES", 100)
+    path = tmp_path / "d.jsonl"
+    head = '{"i": 0}\n\n{"i": 1}\n'
+    at_limit = json.dumps({"pad": "x" * 89})  # exactly 100 bytes: allowed
+    assert len(at_limit) == 100
+    path.write_text(head + at_limit + "\n" + json.dumps({"pad": "x" * 90}) + "\n")
+    with pytest.raises(InputError) as e:
+        list(JsonReader(str(path)).plan(2))
+    assert str(e.value) == _too_long(path, 5, len(head) + 101, 100)
+    # At the limit, with or without a final newline, lines are rows.
+    path.write_text(head + at_limit)
+    assert [p.row_count for p in JsonReader(str(path)).plan(2)] == [2, 1]
+
+
+def test_an_endless_line_fails_at_the_limit_holding_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    monkeypatch.setattr(defaults, "MAX_LINE_BYTES", 1024 * 1024)
+    path = tmp_path / "big.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"a": 1}\n{"text": "')
+        f.truncate(64 * 1024 * 1024)  # sparse: a 64 MB line of NUL bytes, no newline
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as e:
+            list(JsonReader(str(path)).plan(10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value) == _too_long(path, 2, 9, 1024 * 1024)
+    # Before the bound the whole 64 MB line was held (and copied as it grew).
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes"
+
+
+def test_a_compressed_input_holds_neither_blank_lines_nor_an_endless_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+    import tracemalloc
+
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", 256 * 1024)
+    monkeypatch.setattr(defaults, "MAX_LINE_BYTES", 1024 * 1024)
+    blank = (" " * 1023 + "\n") * (32 * 1024)  # 32 MB of blank lines between two rows
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(f'{{"i": 0}}\n{blank}{{"i": 1}}\n'.encode(), 1))
+    reader = JsonReader(str(path))
+    reader.validate()
+    reader.scratch = str(tmp_path / "scratch")
+    tracemalloc.start()
+    try:
+        plans = list(reader.plan(1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["i"] for b in rows_of(reader, 1) for r in b] == [0, 1]
+    assert [(p.row_start, p.end - p.start) for p in plans] == [(0, 9), (1, 9)]
+    # Before, the spill held every blank line until the next batch ended (32 MB and more).
+    assert peak < 16 * 1024 * 1024, f"peak {peak} bytes"
+    path.write_bytes(gzip.compress(b'{"i": 0}\n{"text": "' + b"x" * (2 * 1024 * 1024)))
+    with pytest.raises(InputError) as e:
+        list(reader.plan(2))
+    assert str(e.value) == _too_long(path, 2, 9, 1024 * 1024)
+
+
+def test_planning_stops_between_blocks_once_told(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" * 1000 + '{"i": 0}\n')
+    reader = JsonReader(str(path))
+    reader.stop = threading.Event()
+    reader.stop.set()
+    assert list(reader.plan(1)) == []
+    reader.stop.clear()
+    assert len(list(reader.plan(1))) == 1

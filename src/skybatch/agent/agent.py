@@ -3,14 +3,15 @@
 Three threads keep the runner busy: the fetcher leases the next batch and
 reads its input while the runner works on the current one; the main thread
 feeds the runner; the committer writes parts and commits in the background.
-A fourth sends heartbeats, which renew leases, carry cancellations back, and
-ship the runners' logs.
+A fourth sends heartbeats, which renew leases and carry cancellations back;
+a fifth ships the runners' output, best effort: logs never hold a commit back.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import queue
 import signal
@@ -25,8 +26,8 @@ from typing import Any
 import httpx
 
 from skybatch import defaults
-from skybatch.agent.process import Outcome, RunnerProcess
-from skybatch.config import Home
+from skybatch.agent.process import Outcome, Output, RunnerProcess
+from skybatch.config import Home, forbid_inspection
 from skybatch.errors import SkyBatchError
 from skybatch.io.base import (
     BatchPlan,
@@ -44,7 +45,26 @@ class AgentExit(Exception):
 
 
 def _say(message: str) -> None:
-    print(f"[agent {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    # The agent's log may sit on a full disk; that must not end the agent.
+    with contextlib.suppress(OSError):
+        print(f"[agent {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what it was raised from) is a full disk or quota."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _dropped_marker(count: int) -> bytes:
+    return (
+        f"[skybatch: {count} bytes of this worker's output were dropped here: the server "
+        "could not store them, or they came faster than it took them]\n"
+    ).encode()
 
 
 class ServerLink:
@@ -87,12 +107,21 @@ class ServerLink:
                     raise AgentExit("the server refused this agent's token")
                 return response
             now = time.monotonic()
+            if response is not None and response.status_code == 507:
+                down_since = None  # the server is up, its disk full: wait for space
             down_since = down_since or now
             if now - down_since > defaults.ORPHAN_TIMEOUT:
                 raise AgentExit(f"no server for {defaults.ORPHAN_TIMEOUT:.0f}s")
             self._rediscover()
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def try_call(self, method: str, path: str, timeout: float, **kwargs: Any) -> int | None:
+        """One request, no retries (for what is best effort): its status, or None."""
+        try:
+            return self._client.request(method, path, timeout=timeout, **kwargs).status_code
+        except httpx.HTTPError:
+            return None
 
 
 @dataclass
@@ -133,8 +162,12 @@ class Agent:
         self.current: Item | None = None
         self.jobs: dict[int, JobContext] = {}
         self.runners: dict[int, RunnerProcess] = {}
-        self.log_sent: dict[int, int] = collections.defaultdict(int)
-        self.log_lock = threading.Lock()
+        # Each job's runner output, until shipped; outlives the job's runners.
+        self.outputs: dict[int, Output] = {}
+        self.outputs_lock = threading.Lock()
+        self.log_lock = threading.Lock()  # one shipper at a time, or lines would swap
+        self.log_retry_at = 0.0  # after a failed log request, wait before the next one
+        self.log_ends_line: dict[int, bool] = collections.defaultdict(lambda: True)
         self.ready: queue.Queue[Item] = queue.Queue(maxsize=1)
         self.done: queue.Queue[Item | None] = queue.Queue(maxsize=2)
         self.failure: BaseException | None = None
@@ -157,6 +190,7 @@ class Agent:
         self._thread(self._fetch_loop, "fetch")
         committer = self._thread(self._commit_loop, "commit")
         self._thread(self._heartbeat_loop, "heartbeat")
+        self._thread(self._log_loop, "logs")
         try:
             while not self.stop.is_set():
                 try:
@@ -182,7 +216,7 @@ class Agent:
             committer.join(timeout=5)
             for r in list(self.runners.values()):
                 r.kill()
-            self._ship_logs()
+            self._ship_logs(force=True)
         if self.failure is not None and not isinstance(self.failure, AgentExit):
             raise self.failure
 
@@ -252,9 +286,12 @@ class Agent:
         if runner is None or not runner.alive() or runner.generation != item.generation:
             if runner is not None:
                 runner.close(0)
-            log = self.workdir / ".skybatch" / "logs" / f"job-{item.job}.log"
+            with self.outputs_lock:
+                output = self.outputs.get(item.job)
+                if output is None:
+                    output = self.outputs[item.job] = Output(defaults.LOG_BUFFER_BYTES)
             runner = RunnerProcess(
-                item.job, job.init, job.spec.get("activate_env"), self.workdir, log
+                item.job, job.init, job.spec.get("activate_env"), self.workdir, output
             )
             runner.generation = item.generation
             self.runners[item.job] = runner
@@ -289,12 +326,12 @@ class Agent:
         if outcome.ok:
             job = self._job(item.job, item.generation)
             assert outcome.parts is not None
-            try:
-                for writer, data in zip(job.writers, outcome.parts, strict=True):
-                    writer.write_part(item.job, item.plan.index, item.attempt, data)
-            except SkyBatchError as e:
+            written = self._write_parts(item, job, outcome.parts)
+            if written is False:
+                return  # revoked, or the agent stops, while the disk was full
+            if written is not True:
                 outcome = Outcome(
-                    error=f"writing the batch's output failed: {e}", mapper_caused=False
+                    error=f"writing the batch's output failed: {written}", mapper_caused=False
                 )
             else:
                 # Logs first: once the job is seen to end, its output is all there.
@@ -309,10 +346,52 @@ class Agent:
             "POST",
             f"{base}/fail",
             json={
-                "kind": "mapper" if outcome.mapper_caused else "system",
+                "kind": outcome.kind,
                 "error": outcome.error or "unknown error",
                 "traceback": outcome.traceback,
             },
+        )
+
+    def _write_parts(self, item: Item, job: JobContext, parts: list[bytes]) -> bool | str:
+        """Write the batch's parts: True once written, False if given up, else the error.
+
+        A full disk (or quota) is no fault of the batch: the agent keeps its lease
+        (heartbeats renew it), tells the server, whose job view shows it, and tries
+        again with a capped backoff until space returns or the batch is revoked.
+        """
+        delay = 0.5
+        reported = False
+        while True:
+            try:
+                for writer, data in zip(job.writers, parts, strict=True):
+                    writer.write_part(item.job, item.plan.index, item.attempt, data)
+            except SkyBatchError as e:
+                if not _disk_full(e):
+                    return str(e)
+                if not reported:
+                    _say(f"batch {item.plan.index} of job {item.job}: {e}; retrying")
+                self._report_health(
+                    item.job,
+                    f"worker {self.index} cannot write the job's output: {e}; "
+                    "free space there and the job goes on",
+                )
+                reported = True
+                if self.stop.wait(delay) or item.attempt in self.revoked:
+                    return False
+                delay = min(delay * 2, defaults.WRITE_RETRY_MAX_DELAY)
+                continue
+            if reported:
+                _say(f"batch {item.plan.index} of job {item.job}: written after all")
+                self._report_health(item.job, None)
+            return True
+
+    def _report_health(self, job_id: int, message: str | None) -> None:
+        # Best effort: a server that cannot take it now hears it at the next retry.
+        self.link.try_call(
+            "POST",
+            f"/v1/agent/jobs/{job_id}/health/{self.index}",
+            defaults.LOG_SHIP_TIMEOUT,
+            json={"message": message},
         )
 
     def _heartbeat_loop(self) -> None:
@@ -340,33 +419,62 @@ class Agent:
                 if current is None or current.job != job_id:
                     self.runners.pop(job_id).close()
                     self.jobs.pop(job_id, None)
+
+    def _log_loop(self) -> None:
+        while not self.stop.wait(0.2):
             self._ship_logs()
+            with self.outputs_lock:
+                # A job this agent is done with (its context is added before its
+                # output, and dropped when it ends here), its output all out: forget it.
+                for job_id in [j for j in self.outputs if j not in self.jobs]:
+                    if self.outputs[job_id].empty():
+                        del self.outputs[job_id]
 
-    def _ship_logs(self, job: int | None = None) -> None:
-        """Send the runners' new output (of one job, or all) to the server."""
-        # Called from the heartbeat and the commit threads: one at a time, or
-        # both would send the same bytes.
-        with self.log_lock:
-            logs = self.workdir / ".skybatch" / "logs"
-            paths = [logs / f"job-{job}.log"] if job is not None else logs.glob("job-*.log")
-            for path in paths:
-                self._ship_log(path)
+    def _ship_logs(self, job: int | None = None, force: bool = False) -> None:
+        """Send the runners' new output (of one job, or all) to the server, best effort.
 
-    def _ship_log(self, path: Path) -> None:
-        job_id = int(path.stem.split("-", 1)[1])
-        sent = self.log_sent[job_id]
-        try:
-            size = path.stat().st_size
-            if size <= sent:
-                return
-            with open(path, "rb") as f:
-                f.seek(sent)
-                data = f.read(size - sent)
-        except OSError:
+        Each request is tried once with a short timeout; bytes it could not send are
+        counted and reported by a marker line once a request succeeds again. After a
+        failure, shipping pauses (the buffer keeps filling, then counts drops), so a
+        failing log store never holds the commit thread back.
+        """
+        if not force and time.monotonic() < self.log_retry_at:
             return
-        r = self.link.call("POST", f"/v1/agent/jobs/{job_id}/logs/{self.index}", content=data)
-        if r.status_code < 400:
-            self.log_sent[job_id] = sent + len(data)
+        with self.outputs_lock:
+            jobs = [job] if job is not None else list(self.outputs)
+            outputs = [(j, self.outputs[j]) for j in jobs if j in self.outputs]
+        for job_id, output in outputs:
+            # At most a buffer's worth per call: a mapper printing without pause
+            # must not keep a shipper here forever.
+            if not self._ship_output(job_id, output, defaults.LOG_BUFFER_BYTES):
+                self.log_retry_at = time.monotonic() + 1.0
+                return
+
+    def _ship_output(self, job_id: int, output: Output, budget: int) -> bool:
+        """Send up to ``budget`` bytes of a job's output; False if a request failed."""
+        path = f"/v1/agent/jobs/{job_id}/logs/{self.index}"
+        while budget > 0:
+            # The commit and log threads both ship: one request at a time keeps the
+            # order; the lock is taken per request, so neither waits long for it.
+            if not self.log_lock.acquire(timeout=defaults.LOG_SHIP_TIMEOUT):
+                return True
+            try:
+                data, dropped = output.take(defaults.LOG_SHIP_BYTES)
+                if dropped:
+                    prefix = b"" if self.log_ends_line[job_id] else b"\n"
+                    data = prefix + _dropped_marker(dropped)
+                if not data:
+                    return True
+                status = self.link.try_call("POST", path, defaults.LOG_SHIP_TIMEOUT, content=data)
+                if status is not None and status < 400:
+                    self.log_ends_line[job_id] = data.endswith(b"\n")
+                elif status != 404:  # 404: the job is gone (pruned); nobody reads it
+                    output.lose(dropped or len(data))
+                    return False
+            finally:
+                self.log_lock.release()
+            budget -= len(data)
+        return True
 
 
 def run_setup(link: ServerLink, worker_id: int, info: dict[str, Any], workdir: Path) -> bool:
@@ -406,9 +514,24 @@ def run_setup(link: ServerLink, worker_id: int, info: dict[str, Any], workdir: P
     return True
 
 
+def _read_token() -> str:
+    """The provider hands the token over on stdin (read once), not in the environment,
+    which every process of our user can read in /proc; an environment token (another
+    provider's way) is taken out of os.environ, so no child inherits it."""
+    token = os.environ.pop("SKYBATCH_TOKEN", "") or sys.stdin.readline().strip()
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    if not token:
+        raise SystemExit("skybatch agent: no token on stdin or in SKYBATCH_TOKEN")
+    return token
+
+
 def main() -> int:
+    forbid_inspection()  # the token lives in this process's memory
     url = os.environ["SKYBATCH_SERVER_URL"]
-    token = os.environ["SKYBATCH_TOKEN"]
+    token = _read_token()
     worker_id = int(os.environ["SKYBATCH_WORKER_ID"])
     home = Home(Path(os.environ["SKYBATCH_HOME"])) if os.environ.get("SKYBATCH_HOME") else None
     workdir = Path.cwd()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -29,20 +30,129 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     mapper_caused: bool = True
+    signal: int | None = None  # the signal that killed the runner, if one did
 
     @property
     def ok(self) -> bool:
         return self.parts is not None
 
+    @property
+    def kind(self) -> str:
+        """What the server is told caused the failure."""
+        if self.signal is not None:
+            return "signal"
+        return "mapper" if self.mapper_caused else "system"
 
-def _tail(path: Path, limit: int = 3000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
+
+class Output:
+    """A job's runner output on this worker, held in memory until the agent ships it.
+
+    Never on the worker's disk: a mapper's print must not fail (or fill the disk)
+    because the worker's file system is full. Bounded: past ``limit`` bytes the
+    oldest output is dropped and counted (like the server's rotation, the latest
+    output is what is kept), and the agent puts a marker line where the gap is.
+    """
+
+    TAIL = 3000  # bytes kept for error messages (a crash, a timeout)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._dropped = 0
+        self._tail = b""
+
+    def add(self, data: bytes) -> None:
+        with self._lock:
+            self._tail = (self._tail + data)[-self.TAIL :]
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size <= self.limit:
+                return
+            while self._size > self.limit:
+                first = self._chunks.popleft()
+                self._size -= len(first)
+                self._dropped += len(first)
+            # Start what is kept at a line, not in the middle of one.
+            first = self._chunks[0] if self._chunks else b""
+            cut = first.find(b"\n") + 1
+            if 0 < cut < len(first):
+                self._chunks[0] = first[cut:]
+                self._size -= cut
+                self._dropped += cut
+
+    def take(self, size: int) -> tuple[bytes, int]:
+        """The count of bytes dropped since the last call, if any (they come first);
+        else up to ``size`` bytes to ship."""
+        with self._lock:
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                return b"", dropped
+            out: list[bytes] = []
+            taken = 0
+            while self._chunks and taken < size:
+                chunk = self._chunks.popleft()
+                if taken + len(chunk) > size:
+                    self._chunks.appendleft(chunk[size - taken :])
+                    chunk = chunk[: size - taken]
+                out.append(chunk)
+                taken += len(chunk)
+            self._size -= taken
+            return b"".join(out), 0
+
+    def lose(self, count: int) -> None:
+        """Shipping ``count`` bytes (the oldest held) failed: count them as dropped."""
+        with self._lock:
+            self._dropped += count
+
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._chunks and not self._dropped
+
+    def tail(self) -> str:
+        with self._lock:
+            return self._tail.decode(errors="replace").strip()
+
+
+class _OutputPipe:
+    """Copies a runner's stdout and stderr from a pipe into its job's :class:`Output`."""
+
+    def __init__(self, fd: int, output: Output) -> None:
+        self.fd = fd
+        self.output = output
+        self._lock = threading.Lock()  # a drain and the reader never split one read
+        os.set_blocking(fd, False)
+        self._eof = False
+        threading.Thread(target=self._read_loop, name="runner-output", daemon=True).start()
+
+    def _read_once(self) -> bool:
+        """Read what the pipe holds now; False at its end (the runner and its children exited)."""
+        with self._lock:
+            while not self._eof:
+                try:
+                    data = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    return True
+                except OSError:
+                    data = b""
+                if not data:
+                    self._eof = True
+                    os.close(self.fd)
+                    break
+                self.output.add(data)
+            return False
+
+    def _read_loop(self) -> None:
+        while not self._eof:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self.fd], [], [], 1.0)
+            if not self._read_once():
+                return
+
+    def drain(self) -> None:
+        """Take in everything written so far (the runner wrote it before its last frame)."""
+        self._read_once()
 
 
 def _command(activate_env: str | None) -> list[str]:
@@ -61,6 +171,53 @@ def _command(activate_env: str | None) -> list[str]:
     return ["bash", "-c", script]
 
 
+#: How to hide a file from runners here, found once per agent: "" where nothing works.
+_hiding: str | None = None
+
+
+def _hiding_commands() -> dict[str, list[str]]:
+    bind = 'mount --bind /dev/null "$0" && exec '
+    return {
+        # root: a private mount namespace is enough.
+        "root": ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", bind + '"$@"'],
+        # Others: mount needs root in a user namespace of its own; the runner then goes
+        # into a nested one that maps our uid back, so the mapper runs as itself.
+        "user": [
+            "unshare",
+            "--map-root-user",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            bind + f'unshare --user --map-user={os.getuid()} --map-group={os.getgid()} -- "$@"',
+        ],
+    }
+
+
+def _hiding_prefix(secret: Path) -> list[str] | None:
+    """A command prefix that runs the rest in a private mount namespace with /dev/null
+    mounted over ``secret``; None where the kernel or the tools do not allow it."""
+    global _hiding
+    commands = _hiding_commands()
+    if _hiding is None:
+        kind = "root" if os.geteuid() == 0 else "user"
+        try:
+            probe = subprocess.run(
+                [*commands[kind], str(secret), "true"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+                check=False,
+            )
+            _hiding = kind if probe.returncode == 0 else ""
+        except (OSError, subprocess.TimeoutExpired):
+            _hiding = ""
+    if not _hiding:
+        return None
+    return [*commands[_hiding], str(secret)]
+
+
 class RunnerProcess:
     """One runner for one job on one worker; it lives across that job's batches."""
 
@@ -70,35 +227,47 @@ class RunnerProcess:
         init: dict[str, Any],
         activate_env: str | None,
         worker_dir: Path,
-        log_path: Path,
+        output: Output,
     ) -> None:
         self.job_id = job_id
         self.generation = 0  # the job's generation this runner's mapper belongs to
-        self.log_path = log_path
         self.killed = False
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         env = dict(os.environ)
-        env.pop("SKYBATCH_TOKEN", None)  # user code has no business with the server's token
+        # User code has no business with the server's token, nor with where it lies.
+        env.pop("SKYBATCH_TOKEN", None)
+        home = env.pop("SKYBATCH_HOME", None)
         env.update(
             SKYBATCH_RUNNER_FDS=f"{to_r},{from_w}",
             SKYBATCH_RUNNER=RUNNER_PATH,
             PYTHONUNBUFFERED="1",
         )
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                _command(activate_env),
-                cwd=worker_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(to_r, from_w),
-                start_new_session=True,  # so that a kill reaches what the mapper spawned
-            )
+        command = _command(activate_env)
+        token_file = Path(home, "token") if home else None
+        if token_file is not None and token_file.exists():
+            prefix = _hiding_prefix(token_file)
+            if prefix is None:
+                output.add(
+                    f"skybatch: warning: cannot hide {token_file} from the mapper (no mount "
+                    "namespace here), so it can read the server's token\n".encode()
+                )
+            command = (prefix or []) + command
+        out_r, out_w = os.pipe()
+        self.proc = subprocess.Popen(
+            command,
+            cwd=worker_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=subprocess.STDOUT,
+            pass_fds=(to_r, from_w),
+            start_new_session=True,  # so that a kill reaches what the mapper spawned
+        )
         os.close(to_r)
         os.close(from_w)
+        os.close(out_w)
+        self._output = _OutputPipe(out_r, output)
         self._to = os.fdopen(to_w, "wb")
         self._from = os.fdopen(from_r, "rb")
         self.start_error: str | None = None
@@ -110,7 +279,7 @@ class RunnerProcess:
         if msg is None:
             code = self.proc.wait()
             self.start_error = (
-                f"the runner exited at start with code {code}: {_tail(log_path) or '(no output)'}"
+                f"the runner exited at start with code {code}: {self._tail() or '(no output)'}"
             )
         elif msg[0]["type"] != "ready":
             self.start_error = f"the mapper could not be loaded: {msg[0].get('traceback')}"
@@ -134,7 +303,7 @@ class RunnerProcess:
                 return Outcome(
                     error=f"batch {index} ran longer than batch_timeout={timeout:g}s; "
                     "its runner was killed",
-                    traceback=_tail(self.log_path),
+                    traceback=self._tail(),
                 )
             msg = read_frame(self._from)
         except OSError:
@@ -142,6 +311,9 @@ class RunnerProcess:
         if msg is None:
             return self._died(index)
         header, data = msg
+        # The runner flushed its output before this frame: take it in, so that it is
+        # shipped with (before) the batch's commit.
+        self._output.drain()
         if header["type"] == "result":
             parts, pos = [], 0
             for size in header["sizes"]:
@@ -153,23 +325,32 @@ class RunnerProcess:
 
     def _died(self, index: int) -> Outcome:
         code = self.proc.wait()
-        tail = _tail(self.log_path)
+        tail = self._tail()
         if code < 0 and not self.killed:
-            # Killed by a signal it did not send itself (OOM killer, an operator): not
-            # the mapper's fault, so it costs no retry (up to a cap).
+            # Killed by a signal the agent did not send: from outside (OOM killer, an
+            # operator), or the mapper crashed its process (SIGSEGV). The server tells
+            # them apart by whether the same batch dies again.
+            number = -code
             name = (
-                signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else code
+                signal.Signals(number).name
+                if number in signal.Signals._value2member_map_
+                else "a signal"
             )
             return Outcome(
-                error=f"the runner was killed by {name} during batch {index}",
+                error=f"the runner was killed by {name} (signal {number}) during batch {index}",
                 traceback=tail,
                 mapper_caused=False,
+                signal=number,
             )
         return Outcome(
             error=f"the runner exited with code {code} during batch {index} "
             "(the mapper crashed or called os._exit)",
             traceback=tail,
         )
+
+    def _tail(self) -> str:
+        self._output.drain()
+        return self._output.output.tail()
 
     def kill(self) -> None:
         self.killed = True

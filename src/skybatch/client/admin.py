@@ -8,10 +8,10 @@ from typing import Any
 
 from skybatch.client.api import Client
 from skybatch.errors import PoolError
-from skybatch.pools.spec import load_pool_file
+from skybatch.pools.spec import check_pool_name, load_pool_file
 from skybatch.server.models import JobView, PoolView
 
-__all__ = ["cancel", "jobs_queue", "pool_apply", "pool_down", "pool_status"]
+__all__ = ["cancel", "jobs_queue", "pool_apply", "pool_down", "pool_status", "prune_jobs"]
 
 #: Longest a pool apply waits for its workers' setup.
 POOL_READY_TIMEOUT = 3600.0
@@ -23,6 +23,7 @@ def pool_apply(yaml_path: str | os.PathLike[str], pool_name: str, wait: bool = T
     Blocks until every worker has run its setup, unless ``wait=False``; raises
     :class:`PoolError` with the setup's last output if it fails.
     """
+    check_pool_name(pool_name)  # the server checks it too; a URL cannot even carry some
     spec = load_pool_file(yaml_path)
     client = Client.connect()
     view: dict[str, Any] = client.apply_pool(pool_name, spec.model_dump())
@@ -54,3 +55,12 @@ def jobs_queue() -> list[JobView]:
 def cancel(job_id: str | int) -> None:
     """Stop a job's batches; its pool keeps running for the next job."""
     Client.connect().cancel(str(job_id))
+
+
+def prune_jobs(older_than_days: float | None = None, keep: int = 0) -> list[int]:
+    """Forget finished jobs (succeeded, failed, cancelled): their state, logs and results,
+    and the parts a failed or cancelled job kept for a resume. Keeps the ``keep`` newest
+    finished jobs and those that finished less than ``older_than_days`` ago; running jobs
+    are never touched. Returns the ids of the jobs forgotten.
+    """
+    return Client.connect().prune(older_than_days, keep)

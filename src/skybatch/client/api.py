@@ -144,6 +144,13 @@ class Client:
         result: list[dict[str, Any]] = self.json("GET", "/v1/jobs")
         return result
 
+    def prune(self, older_than_days: float | None, keep: int) -> list[int]:
+        params: dict[str, Any] = {"keep": keep}
+        if older_than_days is not None:
+            params["older_than_days"] = older_than_days
+        result: list[int] = self.json("POST", "/v1/jobs/prune", params=params)["pruned"]
+        return result
+
     def resume(self, job_id: str, body: dict[str, Any] | None) -> dict[str, Any]:
         result: dict[str, Any] = self.json("POST", f"/v1/jobs/{job_id}/resume", json={"job": body})
         return result

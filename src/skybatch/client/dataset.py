@@ -67,8 +67,15 @@ class Job:
 
     def logs(self, worker: int | None = None) -> str:
         """The mapper's output so far; each line tagged with its worker unless one is named."""
-        reply = self.client.logs(self.job_id, worker, {})
-        return "".join(format_log_chunk(c, tag=worker is None) for c in reply["chunks"])
+        texts: list[str] = []
+        offsets: dict[int, int] = {}
+        while True:  # replies are paged
+            reply = self.client.logs(self.job_id, worker, offsets)
+            for c in reply["chunks"]:
+                texts.append(format_log_chunk(c, tag=worker is None))
+                offsets[c["worker"]] = c["offset"]
+            if not reply.get("more"):
+                return "".join(texts)
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> Job:
         """Block until the job ends; raise if it failed or was cancelled."""

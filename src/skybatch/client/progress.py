@@ -22,6 +22,7 @@ class JobProgress:
             dynamic_ncols=True,
             smoothing=0.1,
         )
+        self._health: str | None = None
 
     def update(self, view: dict[str, Any]) -> None:
         bar = self._bar
@@ -38,6 +39,16 @@ class JobProgress:
             postfix["lost"] = str(view["lost"])
         if view["status"] not in ("RUNNING", "SUCCEEDED"):
             postfix["status"] = view["status"]
+        health = view.get("health")
+        if health:
+            postfix["health"] = "stalled"
+        if health != self._health:
+            # A line of its own above the bar: too long for the postfix.
+            if health:
+                bar.write(f"job {view['id']}: {health}", file=sys.stderr)
+            elif self._health:
+                bar.write(f"job {view['id']}: going on again", file=sys.stderr)
+            self._health = health
         bar.set_postfix(postfix, refresh=False)
         bar.update(view["committed_rows"] - bar.n)
 

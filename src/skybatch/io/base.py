@@ -241,6 +241,11 @@ class OutputWriter:
     path: str
     columns: list[str] | None = None
     storage_options: dict[str, Any] | None = None
+    #: The id of the deployment that runs the job (the stored spec's ``_staging``,
+    #: set at submit): deployments sharing an output directory, whose job ids
+    #: collide, get staging areas of their own. None in the user's process (the
+    #: id is read from its SKYBATCH_HOME); "" for jobs submitted before ids.
+    _staging: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -295,9 +300,25 @@ class OutputWriter:
 
     # -- staging -------------------------------------------------------------------
 
+    def staging_name(self, job_id: int | str) -> str:
+        """``<deployment>-<job>``: unique among the deployments writing beside this output."""
+        deployment = self._staging
+        if deployment is None:
+            from skybatch.config import home
+
+            where = home()
+            deployment = where.read_deployment_id()
+            if deployment is None:
+                raise ConfigError(
+                    f"SKYBATCH_HOME {where.root} has never run a server, so it ran no job "
+                    f"{job_id}; set SKYBATCH_HOME to the deployment that ran it"
+                )
+        return f"{deployment}-{job_id}" if deployment else str(job_id)
+
     def staging_root(self, job_id: int | str) -> str:
-        """``<output dir>/.skybatch/<job>``: the job's staging area beside this output."""
-        return storage.join(storage.dirname(self.path), ".skybatch", str(job_id))
+        """``<output dir>/.skybatch/<deployment>-<job>``: the job's staging area beside
+        this output."""
+        return storage.join(storage.dirname(self.path), ".skybatch", self.staging_name(job_id))
 
     def staging_dir(self, job_id: int | str) -> str:
         """``<output dir>/.skybatch/<job>/<output name>``: parts live beside the output."""
@@ -325,7 +346,10 @@ class OutputWriter:
                     f"{type(self).__name__}.write_batch must return bytes, got "
                     f"{type(data).__name__}"
                 )
-        storage.write_bytes(self.part_path(job_id, batch, attempt), data, self.storage_options)
+        # Durable before the commit that makes it part of the output.
+        storage.write_bytes(
+            self.part_path(job_id, batch, attempt), data, self.storage_options, sync=True
+        )
 
     def discard_part(self, job_id: int, batch: int, attempt: int) -> None:
         storage.remove_file(self.part_path(job_id, batch, attempt), self.storage_options)
@@ -342,7 +366,7 @@ class OutputWriter:
                 ):
                     yield f
 
-        staged = storage.StagedFile(self.path, self.storage_options)
+        staged = self.staged_file(job_id)
         try:
             with staged.open() as out:
                 self.reduce(streams(), out)
@@ -355,6 +379,11 @@ class OutputWriter:
                 f"{type(self).__name__}.reduce failed: {type(e).__name__}: {e}"
             ) from e
         return staged
+
+    def staged_file(self, job_id: int | str) -> storage.StagedFile:
+        """This output's staged file, named after the job: a reduce restarted after a
+        crash overwrites (or its discard removes) what its predecessor left."""
+        return storage.StagedFile(self.path, self.storage_options, self.staging_name(job_id))
 
     def cleanup(self, job_id: int | str) -> None:
         """Remove the job's staging area (its parts). The final output stays."""
@@ -425,7 +454,7 @@ class OutputWriter:
         ``skip_first_line``: every part starts with the same header line (CSV);
         keep the first part's and check the others match it.
         """
-        staged = storage.StagedFile(self.path, self.storage_options)
+        staged = self.staged_file(job_id)
         header: bytes | None = None
         try:
             with staged.open() as out:
@@ -497,10 +526,13 @@ def writer_from_spec(spec: dict[str, Any]) -> OutputWriter:
         from skybatch.io.custom import from_custom_spec
 
         writer: OutputWriter = from_custom_spec(spec, OutputWriter)
-        return writer
-    if kind not in _WRITERS:
-        _load_kind(kind)
-    cls = _WRITERS.get(kind)
-    if cls is None:
-        raise ValueError(f"unknown writer kind {kind!r}; known: {', '.join(sorted(_WRITERS))}")
-    return cls.from_spec(spec)
+    else:
+        if kind not in _WRITERS:
+            _load_kind(kind)
+        cls = _WRITERS.get(kind)
+        if cls is None:
+            raise ValueError(f"unknown writer kind {kind!r}; known: {', '.join(sorted(_WRITERS))}")
+        writer = cls.from_spec(spec)
+    # object.__setattr__: a custom writer may be a frozen dataclass.
+    object.__setattr__(writer, "_staging", spec.get("_staging", ""))
+    return writer

@@ -36,6 +36,14 @@ def _records(data: bytes) -> Iterator[tuple[int, int, int]]:
         yield start, n, lines
 
 
+def _too_long(url: str, line_no: int, offset: int, limit: int) -> InputError:
+    return InputError(
+        f"{url} line {line_no} (byte {offset}) starts a record longer than the limit of "
+        f'{limit} bytes; check for a quote (") left open, or raise the limit: set '
+        "SKYBATCH_MAX_LINE_BYTES in the server's environment and restart the server"
+    )
+
+
 class CsvReader(FileReader):
     """Reads CSV with a header row: each record is one row, keyed by the header.
 
@@ -65,6 +73,7 @@ class CsvReader(FileReader):
 
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         index = row = 0
+        limit = defaults.MAX_LINE_BYTES
         for number, url in enumerate(self.files()):
             carry, offset, line_no = b"", 0, 0
             header_seen = False
@@ -74,6 +83,8 @@ class CsvReader(FileReader):
                 storage.open_stream(url, self.storage_options) as f,
             ):
                 while True:
+                    if self.stop is not None and self.stop.is_set():
+                        return
                     chunk = f.read(defaults.INDEX_CHUNK)
                     data = carry + chunk
                     last = not chunk
@@ -83,6 +94,8 @@ class CsvReader(FileReader):
                     for start, end, lines in _records(data[:cut]):
                         if not last and end == cut and data[start:end].count(b'"') % 2:
                             break  # a quoted field runs on into the next chunk
+                        if end - start > limit:
+                            raise _too_long(url, line_no + 1, offset + start, limit)
                         done = end
                         first_line = line_no + 1
                         line_no += lines
@@ -101,6 +114,8 @@ class CsvReader(FileReader):
                             index, row, batch = index + 1, row + batch_size, None
                     carry = data[done:]
                     offset += done
+                    if len(carry) > limit:
+                        raise _too_long(url, line_no + 1, offset, limit)
                     if last:
                         break
             if batch is not None:

@@ -4,6 +4,7 @@ prefix, or a glob) and writers of one file or a directory of shards."""
 from __future__ import annotations
 
 import posixpath
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,9 @@ class FileReader(InputReader):
 
     #: A file name for messages ("name a .jsonl file such as data.jsonl").
     example: str = "data"
+    #: Set by the server while it indexes: planning checks it once per block read, so a
+    #: cancel stops even a pass that finds no batch (one endless line, blank lines only).
+    stop: threading.Event | None = None
 
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
         name = type(self).__name__

@@ -32,6 +32,10 @@ class JsonReader(FileReader):
     the server decompresses them once while indexing and stores the plain
     lines in chunks of about :data:`~skybatch.defaults.SPILL_CHUNK` bytes in
     a scratch area beside the first output, which workers then range-read.
+
+    A line longer than :data:`~skybatch.defaults.MAX_LINE_BYTES` (256 MB; set
+    ``SKYBATCH_MAX_LINE_BYTES`` in the server's environment to change it) fails
+    the job, naming the file, line and byte offset.
     """
 
     kind = "jsonl"
@@ -44,24 +48,45 @@ class JsonReader(FileReader):
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         planner = _Planner(batch_size)
         spiller = _Spill(self) if self.uses_scratch() else None
+        limit = defaults.MAX_LINE_BYTES
+        # No line inside one block can pass the limit, so only lines spanning blocks are
+        # measured: the bound costs nothing per row.
+        block = min(defaults.INDEX_CHUNK, limit + 1)
         for number, url in enumerate(self.files()):
             planner.start_file(number, url)
             # Plain files are range-read in place; only compressed ones are spilled.
             spill = spiller if _compression(url) else None
-            carry = b""
+            head: list[bytes] = []  # the blocks of a line not ended yet, joined once it ends
+            held = 0
             with (
                 storage.translate_errors(url, "read input", InputError),
                 storage.open_stream(url, self.storage_options, _compression(url)) as f,
             ):
-                while chunk := f.read(defaults.INDEX_CHUNK):
+                while chunk := f.read(block):
+                    if self.stop is not None and self.stop.is_set():
+                        return
                     if spill is not None:
                         spill.add(chunk)
-                    lines = (carry + chunk).split(b"\n")
+                    nl = chunk.find(b"\n")
+                    if held + (len(chunk) if nl < 0 else nl) > limit:
+                        raise _too_long(url, planner.line_no + 1, planner.pos, limit)
+                    if nl < 0:
+                        head.append(chunk)
+                        held += len(chunk)
+                        continue
+                    if head:
+                        head.append(chunk)
+                        chunk = b"".join(head)
+                    lines = chunk.split(b"\n")
                     carry = lines.pop()
+                    head, held = ([carry], len(carry)) if carry else ([], 0)
                     plans = planner.feed(lines, last_terminated=True)
-                    yield from spill.place(plans) if spill is not None else plans
-                if carry:
-                    plans = planner.feed([carry], last_terminated=False)
+                    if spill is not None:
+                        yield from spill.place(plans, keep_from=planner.needed_from())
+                    else:
+                        yield from plans
+                if head:
+                    plans = planner.feed([b"".join(head)], last_terminated=False)
                     yield from spill.place(plans) if spill is not None else plans
             plans = planner.finish()
             yield from spill.place(plans, last=True) if spill is not None else plans
@@ -107,6 +132,14 @@ def _compression(url: str) -> str | None:
     return fsspec.utils.infer_compression(url)
 
 
+def _too_long(url: str, line_no: int, offset: int, limit: int) -> InputError:
+    return InputError(
+        f"{url} line {line_no} (byte {offset}) is longer than the limit of {limit} bytes; "
+        "check that the file is JSON Lines (one object per line), or raise the limit: set "
+        "SKYBATCH_MAX_LINE_BYTES in the server's environment and restart the server"
+    )
+
+
 def _check(url: str, line: bytes, line_no: int) -> None:
     try:
         value = orjson.loads(line)
@@ -147,7 +180,11 @@ class _Spill:
     def add(self, data: bytes) -> None:
         self.buf += data
 
-    def place(self, plans: Iterable[BatchPlan], last: bool = False) -> Iterator[BatchPlan]:
+    def place(
+        self, plans: Iterable[BatchPlan], last: bool = False, keep_from: int | None = None
+    ) -> Iterator[BatchPlan]:
+        """Hand out ``plans`` as their chunks are stored; the stream before ``keep_from``
+        belongs to no batch still to come (blank lines), so it need not be kept."""
         for plan in plans:
             self.pending.append(plan)
             if plan.end - self.base >= defaults.SPILL_CHUNK:
@@ -158,6 +195,14 @@ class _Spill:
             # The next file's offsets start at 0 again.
             self.buf.clear()
             self.base = 0
+        elif keep_from is not None:
+            # Without this, blank lines after a pending batch would pile up until the next
+            # batch ends: store the chunk early instead.
+            if self.pending and keep_from - self.base >= defaults.SPILL_CHUNK:
+                yield from self._flush(self.pending[-1].end)
+            if not self.pending and keep_from > self.base:
+                del self.buf[: keep_from - self.base]
+                self.base = keep_from
 
     def _flush(self, end: int) -> Iterator[BatchPlan]:
         first = self.pending[0].start
@@ -208,8 +253,16 @@ class _Planner:
 
     def _feed(self, lines: list[bytes], last_terminated: bool) -> Iterator[BatchPlan]:
         i, n, size = 0, len(lines), self.size
+        # After a failed fast check, a batch's worth of lines goes the slow way before the
+        # next try: retrying at every line made blank lines cost a whole batch's parse each.
+        slow_until = 0
         while i < n:
-            if self.open is None and n - i >= size and (last_terminated or n - i > size):
+            if (
+                self.open is None
+                and i >= slow_until
+                and n - i >= size
+                and (last_terminated or n - i > size)
+            ):
                 group = lines[i : i + size]
                 if _all_objects(group):
                     end = self.pos + sum(map(len, group)) + size
@@ -218,6 +271,7 @@ class _Planner:
                     self.line_no += size
                     i += size
                     continue
+                slow_until = i + size
             line = lines[i]
             start = self.pos
             self.line_no += 1
@@ -233,6 +287,10 @@ class _Planner:
                 start, first, count = self.open
                 self.open = None
                 yield self._emit(start, self.pos, count, first)
+
+    def needed_from(self) -> int:
+        """The offset of the first byte a batch not yet emitted may hold."""
+        return self.pos if self.open is None else self.open[0]
 
     def finish(self) -> list[BatchPlan]:
         if self.open is None:

@@ -151,7 +151,7 @@ class ParquetWriter(FileWriter):
                 f"{self.path}: batches disagree on a column's type ({e}); give each column one "
                 "type in every result, or write shards=True (each file keeps its own schema)"
             ) from None
-        staged = storage.StagedFile(self.path, self.storage_options)
+        staged = self.staged_file(job_id)
         try:
             with staged.open() as out:
                 if schema is None:

@@ -7,6 +7,7 @@ Every reader and writer goes through these few functions so that a new backend
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import shutil
@@ -135,6 +136,8 @@ def translate_errors(url: str, action: str, error: type[SkyBatchError]) -> Itera
     except NotADirectoryError as e:
         raise error(f"cannot {action} {url}: a parent is not a directory") from e
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise error(f"cannot {action} {url}: no space left on device") from e
         raise error(f"cannot {action} {url}: {e.strerror or e}") from e
     except Exception as e:
         # Cloud SDKs raise their own types (botocore's EndpointConnectionError, ...).
@@ -178,14 +181,35 @@ def open_stream(
     return f
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None) -> None:
+def write_bytes(
+    url: str, data: bytes, storage_options: dict[str, Any] | None, sync: bool = False
+) -> None:
+    """Write ``url``; ``sync``: locally, on disk (file and name) when this returns.
+
+    Object stores need nothing for that: a PUT is durable once answered.
+    """
     if is_local(url):
-        with translate_errors(url, "write", OutputError), open(url, "wb") as f:
-            f.write(data)
+        with translate_errors(url, "write", OutputError):
+            with open(url, "wb") as f:
+                f.write(data)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if sync:
+                fsync_dir(os.path.dirname(url))
         return
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, "write", OutputError):
         fs.pipe_file(path, data)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names created in or renamed into local directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def exists(url: str, storage_options: dict[str, Any] | None) -> bool:
@@ -265,9 +289,17 @@ def write_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None) 
     if is_local(url):
         tmp = f"{url}.{uuid.uuid4().hex}.tmp"
         with translate_errors(url, "write", OutputError):
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, url)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, url)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(os.path.dirname(url))
         return
     write_bytes(url, data, storage_options)  # an object PUT is atomic
 
@@ -305,12 +337,17 @@ class StagedMoves:
                 fs.rm(root, recursive=True)
             if is_local(self.directory):
                 os.makedirs(self.directory, exist_ok=True)  # exists even with no files
+                targets = {self.directory}
                 for src, dst in self.moves:
+                    targets.add(os.path.dirname(dst))
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     if self.keep_sources:
-                        shutil.copyfile(src, dst)
+                        _copy_synced(src, dst)
                     else:
-                        os.replace(src, dst)
+                        os.replace(src, dst)  # the parts were synced when written
+                for target in sorted(targets):
+                    fsync_dir(target)
+                fsync_dir(os.path.dirname(self.directory))
                 return
             if not self.moves:
                 return
@@ -323,6 +360,43 @@ class StagedMoves:
 
     def discard(self) -> None:
         """The staged files stay with the job's parts, removed by its cleanup."""
+
+
+def _copy_synced(src: str, dst: str) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+class _Output:
+    """The staged file as a writer's ``reduce`` sees it.
+
+    A reduce writes while it reads parts; a failed write must name the output
+    (``cannot write out.jsonl: no space left on device``), not the part being read.
+    """
+
+    closed = False
+
+    def __init__(self, f: Any, url: str) -> None:
+        self._f = f
+        self._url = url
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        n: int = self._f.tell()
+        return n
+
+    def flush(self) -> None:
+        with translate_errors(self._url, "write", OutputError):
+            self._f.flush()
+
+    def write(self, data: bytes) -> int:
+        with translate_errors(self._url, "write", OutputError):
+            n: int = self._f.write(data)
+            return n
 
 
 class _GrowingParts:
@@ -368,12 +442,18 @@ class StagedFile:
     - Other filesystems get a temporary file moved over the final path.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None, name: str | None = None
+    ) -> None:
         self.url = url
         self.storage_options = storage_options
         self.fs, self.path = filesystem(url, storage_options)
         self.multipart = is_object_store(url)
-        self.tmp = join(dirname(url), f".{basename(url)}.skybatch-{uuid.uuid4().hex}.tmp")
+        # ``name`` (the job's ``<deployment>-<job>``) makes the temporary name
+        # deterministic: a reduce restarted after a crash overwrites its
+        # predecessor's file instead of leaving it beside the output for good.
+        tag = name or uuid.uuid4().hex
+        self.tmp = join(dirname(url), f".{basename(url)}.skybatch-{tag}.tmp")
         self._tmp_path = filesystem(self.tmp, storage_options)[1]
         self._upload: Any = None
 
@@ -382,19 +462,22 @@ class StagedFile:
         with translate_errors(self.url, "write", OutputError):
             if isinstance(self.fs, LocalFileSystem):
                 with open(self.tmp, "wb") as f:
-                    yield f
+                    yield cast(IO[bytes], _Output(f, self.url))
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before the rename publishes it
             elif self.multipart:
                 self._upload = self.fs.open(self.path, "wb", autocommit=False, block_size=PART_SIZE)
-                yield cast(IO[bytes], _GrowingParts(self._upload))
+                yield cast(IO[bytes], _Output(_GrowingParts(self._upload), self.url))
                 self._upload.close()  # sends the last part; commit() completes the upload
             else:
                 with self.fs.open(self._tmp_path, "wb") as f:
-                    yield f
+                    yield cast(IO[bytes], _Output(f, self.url))
 
     def publish(self) -> None:
         with translate_errors(self.url, "publish", OutputError):
             if isinstance(self.fs, LocalFileSystem):
                 os.replace(self.tmp, self.url)
+                fsync_dir(os.path.dirname(self.url))
             elif self.multipart:
                 self._upload.commit()
                 self.fs.invalidate_cache(self.path)

@@ -40,24 +40,33 @@ class LocalProvider(Provider):
         log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(worker.spec.envs)
+        env.pop("SKYBATCH_TOKEN", None)
         env.update(
             SKYBATCH_HOME=str(worker.home.root),
             SKYBATCH_SERVER_URL=worker.server_url,
-            SKYBATCH_TOKEN=worker.token,
             SKYBATCH_WORKER_ID=str(worker.worker_id),
             SKYBATCH_WORKER_INDEX=str(worker.index),
             PYTHONUNBUFFERED="1",
         )
-        with open(log, "ab") as out:
+        log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as out:
+            # The token goes down a pipe, not the environment: /proc/<agent>/environ is
+            # readable by every process of our user, the mapper's included.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "skybatch.agent"],
                 cwd=workdir,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(worker.token.encode() + b"\n")
+            proc.stdin.close()
+        except OSError:
+            pass  # it died at once; the monitor sees it gone
         with self._lock:
             self._children[proc.pid] = proc
         try:

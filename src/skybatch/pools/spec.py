@@ -27,9 +27,44 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from skybatch.errors import PoolSpecError
+from skybatch.errors import ConfigError, PoolSpecError
 
-__all__ = ["PoolSpec", "load_pool_file", "parse_pool_spec"]
+__all__ = [
+    "MAX_JOB_NAME",
+    "PoolSpec",
+    "check_pool_name",
+    "job_name_error",
+    "load_pool_file",
+    "parse_pool_spec",
+]
+
+# Names end up in paths, log lines and one-line tables: fullmatch, since `$` would
+# also match before a trailing newline.
+_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MAX_JOB_NAME = 200
+
+
+def _shown(name: str) -> str:
+    return repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
+
+
+def check_pool_name(name: str) -> None:
+    if not _POOL_NAME.fullmatch(name):
+        raise ConfigError(
+            f"invalid pool name {_shown(name)}: use letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (at most 63 characters)"
+        )
+
+
+def job_name_error(name: str) -> str | None:
+    """Why ``name`` cannot name a job, or None: 1-200 printable characters, one line."""
+    if not 1 <= len(name) <= MAX_JOB_NAME or not name.isprintable():
+        return (
+            f"a job name is 1-{MAX_JOB_NAME} printable characters on one line, got "
+            f"{_shown(name)}; pass a shorter name= to ds.map"
+        )
+    return None
+
 
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(\+?)\s*$")
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:GB|gb|G|g)?\s*(\+?)\s*$")

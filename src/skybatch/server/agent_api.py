@@ -8,7 +8,6 @@ agents call them) and stay out of the public OpenAPI schema.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,10 +17,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from skybatch.errors import AuthError, ConfigError, SkyBatchError
+from skybatch.errors import ConfigError, SkyBatchError
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService
-from skybatch.server.models import FailRequest, Heartbeat, LeaseRequest, Register, SetupFailed
+from skybatch.server.models import (
+    INT64_MAX,
+    FailRequest,
+    HealthReport,
+    Heartbeat,
+    LeaseRequest,
+    Register,
+    SetupFailed,
+)
 from skybatch.server.pools import PoolService
 
 __all__ = ["agent_routes"]
@@ -46,20 +53,20 @@ async def _body(request: Request, model: type[M]) -> M:
 
 def _int(request: Request, name: str) -> int:
     try:
-        return int(request.path_params[name])
+        value = int(request.path_params[name])
     except ValueError:
         raise ConfigError(f"{name} must be an integer") from None
+    if not 0 <= value <= INT64_MAX:  # past it SQLite would overflow
+        raise ConfigError(f"{name} must be an integer from 0 to {INT64_MAX}, got {value}")
+    return value
 
 
 def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Route]:
-    expected = f"Bearer {ctx.token}".encode()
+    # The token, the Host and the body size are checked by the Guard before routing.
 
     def route(path: str, handler: Handler, method: str = "POST") -> Route:
         async def endpoint(request: Request) -> Response:
-            given = request.headers.get("authorization", "").encode()
             try:
-                if not secrets.compare_digest(given, expected):
-                    raise AuthError("missing or wrong token")
                 result = await handler(request)
             except SkyBatchError as e:
                 err = {"error": {"type": type(e).__name__, "message": str(e)}}
@@ -120,6 +127,10 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
     async def append_log(request: Request) -> None:
         jobs.append_log(_int(request, "job"), _int(request, "worker"), await request.body())
 
+    async def report_health(request: Request) -> None:
+        body = await _body(request, HealthReport)
+        jobs.report_health(_int(request, "job"), _int(request, "worker"), body.message)
+
     base = "/v1/agent"
     return [
         route(f"{base}/workers/{{worker}}/register", register),
@@ -131,4 +142,5 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
         route(f"{base}/attempts/{{attempt}}/commit", commit),
         route(f"{base}/attempts/{{attempt}}/fail", fail),
         route(f"{base}/jobs/{{job}}/logs/{{worker}}", append_log),
+        route(f"{base}/jobs/{{job}}/health/{{worker}}", report_health),
     ]

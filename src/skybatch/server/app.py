@@ -6,20 +6,23 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 import skybatch
 from skybatch import defaults
-from skybatch.errors import AuthError, ConfigError, SkyBatchError
+from skybatch.errors import ConfigError, SkyBatchError
 from skybatch.server.agent_api import agent_routes
 from skybatch.server.context import Context
-from skybatch.server.jobs import JobService, job_view
+from skybatch.server.guard import Guard
+from skybatch.server.jobs import JobService
 from skybatch.server.models import (
+    INT64_MAX,
     JobSubmit,
     JobView,
     LogChunk,
@@ -31,10 +34,33 @@ from skybatch.server.models import (
     ResumeRequest,
 )
 from skybatch.server.pools import PoolService
+from skybatch.server.retention import prune_jobs
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("skybatch.server")
+
+#: Ids are SQLite integers: a larger one is refused as a 4xx, not an overflow.
+JobId = Annotated[int, Path(ge=0, le=INT64_MAX)]
+
+
+def _with_bearer(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema says what the Guard enforces: a bearer token everywhere but /v1/health."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer"}
+    }
+    schema["security"] = [{"bearer": []}]
+    health = schema.get("paths", {}).get("/v1/health", {}).get("get")
+    if health is not None:
+        health["security"] = []
+    return schema
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "path", "query", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts) or "body"
 
 
 def create_app(ctx: Context) -> FastAPI:
@@ -44,6 +70,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def monitor() -> None:
         while True:
             try:
+                ctx.store.check_file()
                 await pools.monitor_once()
             except Exception:  # the monitor must outlive any one bad tick
                 log.exception("monitor tick failed")
@@ -59,6 +86,7 @@ def create_app(ctx: Context) -> FastAPI:
             yield
         finally:
             task.cancel()
+            jobs.stop_indexing()
             await pools.stop_all()
 
     app = FastAPI(
@@ -73,11 +101,8 @@ def create_app(ctx: Context) -> FastAPI:
         "/v1/health needs `Authorization: Bearer <token>` (the token file in SKYBATCH_HOME).",
     )
 
-    async def require_token(authorization: str = Header(default="")) -> None:
-        # async: a sync dependency would cost every request a thread-pool hop
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token, ctx.token):
-            raise AuthError("missing or wrong token; clients read it from SKYBATCH_HOME/token")
+    # Host, token and body size are checked before routing, for the agent's routes too.
+    app.add_middleware(Guard, token=ctx.token, port=urlsplit(ctx.url).port or 0)
 
     @app.exception_handler(SkyBatchError)
     async def on_error(request: Request, exc: SkyBatchError) -> JSONResponse:
@@ -86,11 +111,21 @@ def create_app(ctx: Context) -> FastAPI:
             status_code=exc.http_status,
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # One line naming the field, in the error shape the clients read.
+        err = exc.errors()[0]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        message = f"invalid request: {_field(tuple(err.get('loc', ())))}: {msg}"
+        return JSONResponse({"error": {"type": "ConfigError", "message": message}}, status_code=422)
+
     @app.get("/v1/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Any:
+        if ctx.store.problem is not None:
+            return JSONResponse({"ok": False, "error": ctx.store.problem}, status_code=503)
         return {"ok": True}
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    api = APIRouter(prefix="/v1")
 
     @api.get("/server")
     async def server_info() -> dict[str, Any]:
@@ -103,7 +138,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> dict[str, Any]:
-        return app.openapi()
+        return _with_bearer(app.openapi())
 
     # -- pools -----------------------------------------------------------------------
 
@@ -130,38 +165,43 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.post("/jobs")
     async def submit(body: JobSubmit) -> JobView:
-        return job_view(await jobs.submit(body))
+        return jobs.view(await jobs.submit(body))
 
     @api.get("/jobs")
     async def list_jobs() -> list[JobView]:
-        return [job_view(j) for j in ctx.store.list_jobs()]
+        return [jobs.view(j) for j in ctx.store.list_jobs()]
+
+    @api.post("/jobs/prune")
+    async def prune(older_than_days: float | None = None, keep: int = 0) -> dict[str, Any]:
+        """Forget finished jobs but the ``keep`` newest and those younger than the age."""
+        return {"pruned": await asyncio.to_thread(prune_jobs, ctx, older_than_days, keep)}
 
     @api.get("/jobs/{job_id}")
-    async def get_job(job_id: int, version: int = -1, wait: float = 0) -> JobView:
+    async def get_job(job_id: JobId, version: int = -1, wait: float = 0) -> JobView:
         if wait > 0:
-            return job_view(await jobs.wait(job_id, version, min(wait, 60)))
-        return job_view(jobs.get(job_id))
+            return jobs.view(await jobs.wait(job_id, version, min(wait, 60)))
+        return jobs.view(jobs.get(job_id))
 
     @api.post("/jobs/{job_id}/cancel")
-    async def cancel(job_id: int) -> JobView:
-        return job_view(await jobs.cancel(job_id))
+    async def cancel(job_id: JobId) -> JobView:
+        return jobs.view(await jobs.cancel(job_id))
 
     @api.post("/jobs/{job_id}/resume")
-    async def resume(job_id: int, body: ResumeRequest) -> JobView:
-        return job_view(await jobs.resume(job_id, body.job))
+    async def resume(job_id: JobId, body: ResumeRequest) -> JobView:
+        return jobs.view(await jobs.resume(job_id, body.job))
 
     @api.get("/jobs/{job_id}/results")
-    async def results(job_id: int) -> FileResponse:
+    async def results(job_id: JobId) -> FileResponse:
         """The result rows (JSON Lines) of a succeeded job that had no output=."""
         return FileResponse(jobs.results_path(job_id), media_type="application/jsonl")
 
     @api.post("/jobs/{job_id}/reduce")
-    async def reduce(job_id: int, body: ReduceRequest) -> ReduceResult:
+    async def reduce(job_id: JobId, body: ReduceRequest) -> ReduceResult:
         return ReduceResult(**await jobs.reduce_partial(job_id, body.writer))
 
     @api.get("/jobs/{job_id}/logs")
     async def logs(
-        job_id: int, worker: int | None = None, offsets: str = "", wait: float = 0
+        job_id: JobId, worker: int | None = None, offsets: str = "", wait: float = 0
     ) -> LogsView:
         """Each worker's new output; ``offsets`` is ``worker:offset,...`` from the last answer."""
         try:
@@ -169,15 +209,17 @@ def create_app(ctx: Context) -> FastAPI:
         except ValueError:
             raise ConfigError(f"offsets must look like 0:120,1:64, got {offsets!r}") from None
         chunks, job = jobs.read_logs(job_id, worker, seen)
-        if not any(c[1] for c in chunks) and wait > 0 and not job.status.finished:
+        idle = not any(c[1] or c[3] for c in chunks)
+        if idle and wait > 0 and not job.status.finished:
             await ctx.notifier.wait(("log", job_id), min(wait, 60))
             chunks, job = jobs.read_logs(job_id, worker, seen)
         return LogsView(
             status=job.status.value,
             chunks=[
                 LogChunk(worker=w, text=data.decode(errors="replace"), offset=nxt)
-                for w, data, nxt in chunks
+                for w, data, nxt, _ in chunks
             ],
+            more=any(c[3] for c in chunks),
         )
 
     app.include_router(api)

@@ -26,9 +26,9 @@ import httpx
 import psutil
 
 from skybatch import defaults
-from skybatch.config import Home
+from skybatch.config import Home, forbid_inspection
 from skybatch.config import home as current_home
-from skybatch.errors import ServerError
+from skybatch.errors import ServerError, SkyBatchError
 
 __all__ = ["ServerInfo", "ensure_server", "read_server_info", "stop_server"]
 
@@ -54,9 +54,14 @@ def read_server_info(home: Home) -> ServerInfo | None:
 
 def _healthy(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/v1/health", timeout=2.0).status_code == 200
+        r = httpx.get(f"{url}/v1/health", timeout=2.0)
     except httpx.HTTPError:
         return False
+    if r.status_code == 503:
+        # It runs, but lost its state: say why rather than start another one.
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            raise ServerError(str(r.json()["error"]))
+    return r.status_code == 200
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,6 +91,7 @@ def _tail(path: Path, limit: int = 1500) -> str:
 def ensure_server(home: Home | None = None) -> ServerInfo:
     """The running server of ``home``, started now if it is not running."""
     home = (home or current_home()).ensure()
+    home.read_token()  # refuses a token someone else planted, before a server adopts it
     info = running_server(home)
     if info:
         return info
@@ -94,9 +100,10 @@ def ensure_server(home: Home | None = None) -> ServerInfo:
         info = running_server(home)
         if info:
             return info
-        home.server_log.parent.mkdir(parents=True, exist_ok=True)
+        home.server_log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         previous = read_server_info(home)
-        with open(home.server_log, "ab") as out:
+        log_fd = os.open(home.server_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as out:
             # --detach forks again and returns at once: the server is no child of ours.
             subprocess.run(
                 [sys.executable, "-m", "skybatch.server", "--home", str(home.root), "--detach"],
@@ -125,7 +132,7 @@ def ensure_server(home: Home | None = None) -> ServerInfo:
 
 def stop_server(home: Home | None = None, timeout: float = 30.0) -> bool:
     """Stop the server (and so its pools' agents); False if none was running."""
-    home = home or current_home()
+    home = (home or current_home()).check()  # server.json names the pid we signal
     info = read_server_info(home)
     if info is None or not _pid_alive(info.pid):
         return False
@@ -175,6 +182,7 @@ def serve(home: Home) -> int:
     from skybatch.server.sqlite import SqliteStore
 
     home.ensure()
+    forbid_inspection()  # mappers run as our user: keep them out of /proc/<server>/mem
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -226,4 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(0)
         os.setsid()
     home = Home(Path(args.home).resolve()) if args.home else current_home()
-    return serve(home)
+    try:
+        return serve(home)
+    except SkyBatchError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1

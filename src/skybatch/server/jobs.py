@@ -9,9 +9,14 @@ notifier until work appears.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import logging
+import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from skybatch import defaults
 from skybatch.errors import (
     ConfigError,
     ConflictError,
+    DiskFullError,
     NotFoundError,
     OutputError,
     PoolError,
@@ -28,10 +34,11 @@ from skybatch.errors import (
 )
 from skybatch.io import storage
 from skybatch.io.base import InputReader, OutputWriter, Part, reader_from_spec, writer_from_spec
+from skybatch.io.files import FileReader
 from skybatch.io.jsonl import JsonReader, JsonWriter
 from skybatch.server.context import Context
 from skybatch.server.models import JobSubmit, JobView
-from skybatch.server.store import JobRecord, Lease
+from skybatch.server.store import JobRecord, Lease, OutputClaimed, claimed_outputs
 from skybatch.states import JobStatus, PoolStatus
 
 __all__ = ["JobService", "job_view"]
@@ -39,7 +46,7 @@ __all__ = ["JobService", "job_view"]
 log = logging.getLogger("skybatch.server")
 
 
-def job_view(job: JobRecord) -> JobView:
+def job_view(job: JobRecord, health: str | None = None) -> JobView:
     return JobView(
         id=job.id,
         name=job.name,
@@ -60,7 +67,17 @@ def job_view(job: JobRecord) -> JobView:
         version=job.version,
         failed_rows=job.failed_rows,
         outputs=[w["path"] for w in job.spec["writers"]],
+        health=health,
     )
+
+
+def _log_rotated(path: Path) -> Path:
+    return path.with_name(path.name + ".1")
+
+
+def _log_sidecar(path: Path) -> Path:
+    """Holds where the current log file starts in the worker's whole output."""
+    return path.with_name(path.name + ".base")
 
 
 def _user_spec(reader_spec: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +94,20 @@ def _ready_to_reduce(job: JobRecord) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _spec_field(field: str) -> Iterator[None]:
+    """A reader or writer spec that does not load is the request's fault: say which."""
+    try:
+        yield
+    except SkyBatchError:
+        raise
+    except Exception as e:  # from_spec and user classes can raise anything
+        detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ConfigError(
+            f"{field}: invalid spec ({detail}); pass a skybatch reader or writer"
+        ) from None
+
+
 class JobService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -86,6 +117,15 @@ class JobService:
         # Jobs whose final status is recorded but whose staging area is still being
         # removed: waiters see the end only after it, so nothing is left when ds.map returns.
         self._finishing: set[int] = set()
+        # Set to stop a job's indexing thread between two blocks (cancel).
+        self._indexing: dict[int, threading.Event] = {}
+        self._stopping = False
+        self._deployment: str | None = None  # this home's id, read at the first submit
+        # What holds running jobs back without failing them (a full disk), by job and
+        # source; in memory, since the state database may be what cannot be written.
+        self._health: dict[int, dict[str, str]] = {}
+        self._state_full: str | None = None  # state.db could not be written
+        self._log_bases: dict[Path, int] = {}
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -123,6 +163,21 @@ class JobService:
                 self._spawn(self._reduce(job.id))
             elif not job.indexed:
                 reader = reader_from_spec(job.spec["reader"])
+                # An input that brings the server down would do so again at every start.
+                starts = self.ctx.store.note_index_start(job.id, restart=True)
+                if starts > defaults.MAX_INDEX_STARTS:
+                    self._spawn(
+                        self._fail(
+                            job.id,
+                            f"job {job.id} ({job.name}) failed: indexing its input "
+                            f"{reader.describe()} was interrupted by server restarts "
+                            f"{starts - 1} times without finding a new batch, so it is not "
+                            "started again; check the input and submit a new job, or resume "
+                            f"this one (`skybatch jobs resume {job.id}`) if the restarts had "
+                            "another cause",
+                        )
+                    )
+                    continue
                 self._spawn(
                     asyncio.to_thread(
                         self._index,
@@ -132,6 +187,7 @@ class JobService:
                         reader,
                         job.spec["batch_size"],
                         job.planned,
+                        False,
                     )
                 )
 
@@ -152,34 +208,44 @@ class JobService:
             )
         if req.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {req.batch_size}")
-        try:
+        # Everything the request can get wrong is found before the job exists, so a
+        # refused submit leaves no job (and no claim on its outputs) behind.
+        with _spec_field("reader"):
             reader = reader_from_spec(req.reader) if req.items is None else None
-            writers = [writer_from_spec(w) for w in req.writers]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"invalid reader or writer: {e}") from None
-        paths = [w.path for w in writers]
+        writers = []
+        for i, w in enumerate(req.writers):
+            with _spec_field(f"writers[{i}]"):
+                writers.append(writer_from_spec(w))
+        errors = []
+        if req.errors:
+            with _spec_field("errors"):
+                errors.append(writer_from_spec(req.errors))
+        paths = [w.path for w in writers + errors]
         if len(set(paths)) != len(paths):
             raise ConfigError(f"two outputs write the same path: {paths}")
-        for other in store.list_jobs(active_only=True):
-            clash = set(paths) & {w["path"] for w in other.spec["writers"]}
-            if clash:
-                raise ConflictError(
-                    f"job {other.id} is already writing {sorted(clash)[0]}; wait for it, "
-                    f"cancel it (`skybatch jobs cancel {other.id}`), or choose another output"
-                )
         if reader is not None:
-            await asyncio.to_thread(reader.validate)
+            with _spec_field("reader"):
+                await asyncio.to_thread(reader.validate)
         spec = req.model_dump(exclude={"items"})
         if reader is not None:
-            spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
-        job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock())
-        errors = [writer_from_spec(req.errors)] if req.errors else []
+            with _spec_field("reader"):
+                spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
+        try:
+            # The claim is made in the transaction that records the job: of many
+            # submits of one output, exactly one gets it.
+            job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock(), paths)
+        except OutputClaimed as e:
+            raise ConflictError(
+                f"job {e.job_id} is already writing {e.path}; wait for it, cancel it "
+                f"(`skybatch jobs cancel {e.job_id}`), or choose another output"
+            ) from None
         try:
             if not writers:
                 # No output=: results come back to the caller (job.results()).
                 writers = [JsonWriter(str(self._job_dir(job_id) / "results.jsonl"))]
                 spec["writers"] = [w.to_spec() for w in writers]
                 spec["results_in_memory"] = True
+            self._assign_staging(spec, writers + errors)  # before anything is staged
             if req.items is not None:
                 reader = await asyncio.to_thread(self._stage_items, job_id, writers[0], req.items)
                 spec["items_sha256"] = hashlib.sha256(req.items.encode()).hexdigest()
@@ -263,7 +329,16 @@ class JobService:
         # A partial output written by reduce_results is replaced by the complete one.
         spec["overwrite"] = True
         await asyncio.to_thread(self._prepare, writers, job_id, True)
-        if not self.ctx.store.reopen_job(job_id, pool_name, spec, self.ctx.clock()):
+        try:
+            reopened = self.ctx.store.reopen_job(
+                job_id, pool_name, spec, self.ctx.clock(), claimed_outputs(spec)
+            )
+        except OutputClaimed as e:
+            raise ConflictError(
+                f"job {e.job_id} is writing {e.path} now; resume job {job_id} once it ends, "
+                f"or cancel it (`skybatch jobs cancel {e.job_id}`)"
+            ) from None
+        if not reopened:
             raise ConflictError(f"job {job_id} changed state meanwhile; try again")
         log.info("job %d resumed on pool %s", job_id, pool_name)
         job = self.get(job_id)
@@ -319,6 +394,18 @@ class JobService:
         """The server's own area for a job: in-memory inputs and results live here."""
         return self.ctx.home.root / "jobs" / str(job_id)
 
+    def _assign_staging(self, spec: dict[str, Any], writers: list[OutputWriter]) -> None:
+        """Stage a new job's outputs under this deployment's id (``_staging`` in the
+        stored writer specs, read by agents): job ids repeat across deployments, and
+        two deployments may write beside each other in one directory."""
+        if self._deployment is None:
+            self._deployment = self.ctx.home.deployment_id()
+        for w in writers:
+            object.__setattr__(w, "_staging", self._deployment)
+        spec["writers"] = [{**w, "_staging": self._deployment} for w in spec["writers"]]
+        if spec.get("errors"):
+            spec["errors"] = {**spec["errors"], "_staging": self._deployment}
+
     def _stage_items(self, job_id: int, writer: OutputWriter, items: str) -> InputReader:
         """Dataset.from_items: the rows, as a JSONL file in the job's staging area."""
         url = storage.join(writer.staging_root(job_id), ".items.jsonl")
@@ -371,15 +458,26 @@ class JobService:
         reader: InputReader,
         batch_size: int,
         skip: int = 0,
+        fresh: bool = True,
     ) -> None:
         """Stream the input once, handing batches to the scheduler as they are found.
 
-        ``skip`` batches were recorded before a restart and are not added again.
+        ``skip`` batches were recorded before a restart and are not added again;
+        a start after a restart (not ``fresh``) was counted by resume_unfinished.
         """
         store = self.ctx.store
         buf = []
         flushed = time.monotonic()
+        stop = threading.Event()
+        self._indexing[job_id] = stop
+        if isinstance(reader, FileReader):
+            reader.stop = stop
         try:
+            if fresh:
+                store.note_index_start(job_id, restart=False)
+            job = store.get_job(job_id)
+            if job is None or job.status.finished:
+                return  # cancelled before this thread began
             for plan in reader.plan(batch_size):
                 if plan.index < skip:
                     continue
@@ -397,6 +495,12 @@ class JobService:
                     buf = []
                     flushed = time.monotonic()
                     self.ctx.notifier.notify_threadsafe(("pool", pool))
+            if stop.is_set():
+                log.info("indexing job %d stopped", job_id)
+                if self._stopping:
+                    # A clean shutdown is no crash: the next start must not count it as one.
+                    store.note_index_start(job_id, restart=False)
+                return
             store.add_batches(job_id, buf, done=True)
         except SkyBatchError as e:
             asyncio.run_coroutine_threadsafe(self._fail(job_id, str(e)), loop)
@@ -407,6 +511,9 @@ class JobService:
                 self._fail(job_id, f"reading the input failed: {type(e).__name__}: {e}"), loop
             )
             return
+        finally:
+            if self._indexing.get(job_id) is stop:
+                del self._indexing[job_id]
         self.ctx.notifier.notify_threadsafe(("pool", pool))
         asyncio.run_coroutine_threadsafe(self._after_progress(job_id), loop)
 
@@ -439,9 +546,17 @@ class JobService:
                 raise ConflictError(f"worker {worker_id} is not part of a live pool; exit")
 
     async def commit(self, attempt: int) -> None:
-        job = self.ctx.store.commit(attempt, self.ctx.clock())
+        try:
+            job = self.ctx.store.commit(attempt, self.ctx.clock())
+        except DiskFullError as e:
+            self._state_full = str(e)  # the agent tries again; running jobs show why
+            raise
+        self._state_full = None
         if job is None:
             raise ConflictError(f"attempt {attempt} no longer holds its lease; discard its output")
+        entries = self._health.get(job.id, {})
+        for source in [s for s in entries if s.startswith("worker-")]:
+            del entries[source]  # an output was written and committed: it has space again
         self._notify(job.id)
         if _ready_to_reduce(job):
             self._spawn(self._reduce(job.id))
@@ -454,6 +569,7 @@ class JobService:
             traceback=traceback,
             now=self.ctx.clock(),
             max_system_failures=defaults.MAX_SYSTEM_FAILURES,
+            signal=kind == "signal",
         )
         if res is None:
             raise ConflictError(f"attempt {attempt} no longer holds its lease")
@@ -521,7 +637,9 @@ class JobService:
         if failed:
             batch = failed[0]
             attempts = [a for a in store.batch_attempts(job.id, batch) if a.status == "FAILED"]
-            mapper_failures = [a for a in attempts if a.error_kind == "mapper"] or attempts
+            mapper_failures = [
+                a for a in attempts if a.error_kind in ("mapper", "signal")
+            ] or attempts
             plan = store.batch_plan(job.id, batch)
             rows = f" (rows {plan.row_start}-{plan.row_start + plan.row_count - 1})" if plan else ""
             lines.append(
@@ -535,13 +653,31 @@ class JobService:
                 worker = store.get_worker(a.worker_id)
                 where = f", worker {worker.index}" if worker else ""
                 lines.append(f"{'First' if n == 0 else 'Last'} failure (try {tries}{where}):")
+                if a.error_kind == "signal" and a.error and a.traceback:
+                    lines.append(a.error)  # the signal: the runner's last output does not say it
                 lines.append((a.traceback or a.error or "").rstrip())
         return "\n".join(lines)
 
     def _recovery_hint(self, job: JobRecord) -> str:
+        """How to recover what committed; checks the parts are still there (storage I/O)."""
         writers = [writer_from_spec(w) for w in job.spec["writers"]]
         if not job.committed_batches:
             return "No batch committed, so there are no partial results to recover."
+        for writer in writers:
+            area = writer.staging_dir(job.id)
+            try:
+                present = storage.exists(area, writer.storage_options)
+            except SkyBatchError as e:
+                return (
+                    f"{job.committed_batches} of {job.total_batches} batches committed, but "
+                    f"their parts cannot be checked ({e})"
+                )
+            if not present:
+                return (
+                    f"{job.committed_batches} of {job.total_batches} batches had committed, "
+                    f"but their parts in {area} were removed by something other than this "
+                    "job, so nothing can be recovered; submit the job again"
+                )
         lines = [
             f"{job.committed_batches} of {job.total_batches} batches ({job.committed_rows} of "
             f"{job.total_rows} rows) committed and kept. To recover them:"
@@ -560,7 +696,7 @@ class JobService:
         if job is None or job.status.finished:
             return
         message = reason if reason is not None else self._failure_message(job)
-        message = f"{message}\n{self._recovery_hint(job)}"
+        message = f"{message}\n{await asyncio.to_thread(self._recovery_hint, job)}"
         if job.committed_batches:
             if self.ctx.store.set_job_status(job_id, JobStatus.FAILED, self.ctx.clock(), message):
                 log.info("job %d failed", job_id)
@@ -584,6 +720,12 @@ class JobService:
             self._finishing.discard(job.id)
             self._notify(job)
 
+    def stop_indexing(self) -> None:
+        """At shutdown: end every indexing thread at its next block, so the process exits."""
+        self._stopping = True
+        for stop in list(self._indexing.values()):
+            stop.set()
+
     async def cancel(self, job_id: int, reason: str = "cancelled") -> JobRecord:
         job = self.get(job_id)
         if job.status.finished:
@@ -591,6 +733,9 @@ class JobService:
         if job.status is JobStatus.REDUCING:
             raise ConflictError(f"job {job_id} has finished its batches and is writing its output")
         self.ctx.store.set_job_status(job_id, JobStatus.CANCELLED, self.ctx.clock(), reason)
+        stop = self._indexing.get(job_id)
+        if stop is not None:
+            stop.set()
         self._notify(job)
         return self.get(job_id)
 
@@ -631,6 +776,10 @@ class JobService:
         log.info("job %d succeeded", job_id)
 
     async def _fail_reduce(self, job: JobRecord, message: str) -> None:
+        message += (
+            f"\nIts committed batches are kept; fix that, then "
+            f"`skybatch jobs resume {job.id}` writes the output again"
+        )
         # set_job_status refuses to move a finished job, so fail it from REDUCING here.
         self.ctx.store.set_job_status(job.id, JobStatus.FAILED, self.ctx.clock(), message)
         self._notify(job)
@@ -654,21 +803,30 @@ class JobService:
             for s in staged:
                 s.discard()
             raise
-        for s in staged:
-            s.publish()
+        for n, s in enumerate(staged):
+            try:
+                s.publish()
+            except BaseException:
+                for rest in staged[n:]:
+                    rest.discard()
+                raise
 
     def _stage_errors(self, job: JobRecord) -> storage.Staged:
         """The errors output: one line per poison row, with its input and its failure."""
         errors = writer_from_spec(job.spec["errors"])
-        staged = storage.StagedFile(errors.path, errors.storage_options)
-        with staged.open() as out:
-            for row, data, error, tb in self.ctx.store.poison_rows(job.id):
-                try:
-                    value = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    value = data
-                record = {"row": row, "input": value, "error": error, "traceback": tb}
-                out.write(orjson.dumps(record) + b"\n")
+        staged = errors.staged_file(job.id)
+        try:
+            with staged.open() as out:
+                for row, data, error, tb in self.ctx.store.poison_rows(job.id):
+                    try:
+                        value = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        value = data
+                    record = {"row": row, "input": value, "error": error, "traceback": tb}
+                    out.write(orjson.dumps(record) + b"\n")
+        except BaseException:
+            staged.discard()
+            raise
         return staged
 
     async def reduce_partial(self, job_id: int, writer_spec: dict[str, Any]) -> dict[str, Any]:
@@ -690,9 +848,20 @@ class JobService:
             staged = writer.stage(job_id, parts)
             if isinstance(staged, storage.StagedMoves):
                 staged.keep_sources = True  # the parts stay for a resume
-            staged.publish()
+            try:
+                staged.publish()
+            except BaseException:
+                staged.discard()
+                raise
 
-        await asyncio.to_thread(stage_and_publish)
+        # The staged file's name is the job's: two reduces of one job at once would share it.
+        if job_id in self._reducing:
+            raise ConflictError(f"job {job_id}'s output is being written already; try again")
+        self._reducing.add(job_id)
+        try:
+            await asyncio.to_thread(stage_and_publish)
+        finally:
+            self._reducing.discard(job_id)
         missing = self._missing_rows(job, parts)
         return {"rows": sum(p.row_count for p in parts), "missing": missing, "path": writer.path}
 
@@ -720,36 +889,153 @@ class JobService:
         await self.ctx.notifier.wait(("job", job_id), max(0.0, deadline - time.monotonic()))
         return self.get(job_id)
 
+    # -- health ------------------------------------------------------------------------
+
+    def health(self, job_id: int) -> str | None:
+        """What holds the job back now (a full disk), in one line; None if nothing."""
+        problems = list(self._health.get(job_id, {}).values())
+        if self._state_full is not None:
+            problems.insert(0, self._state_full)
+        return "; ".join(problems) or None
+
+    def view(self, job: JobRecord) -> JobView:
+        return job_view(job, None if job.status.finished else self.health(job.id))
+
+    def set_health(self, job_id: int, source: str, message: str | None) -> None:
+        entries = self._health.get(job_id, {})
+        if entries.get(source) == message:
+            return
+        if message is None:
+            del entries[source]
+        else:
+            entries[source] = message
+        if entries:
+            self._health[job_id] = entries
+        else:
+            self._health.pop(job_id, None)
+        self._notify(job_id)  # followers (the progress bar) see it at once
+
+    def report_health(self, job_id: int, worker_index: int, message: str | None) -> None:
+        """An agent's word on what holds its batch of the job back (None: nothing now)."""
+        self.get(job_id)
+        self.set_health(job_id, f"worker-{worker_index}", message)
+
+    # -- logs ----------------------------------------------------------------------------
+
+    def _log_base(self, path: Path) -> int:
+        """Where ``path`` (a worker's current log) starts in all of that worker's output."""
+        base = self._log_bases.get(path)
+        if base is None:
+            try:
+                base = int(_log_sidecar(path).read_text())
+            except (OSError, ValueError):
+                base = 0
+            self._log_bases[path] = base
+        return base
+
+    def _rotate_log(self, path: Path, size: int) -> None:
+        """The current log becomes the rotated one; the rotated one before is dropped."""
+        base = self._log_base(path) + size
+        sidecar = _log_sidecar(path)
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        tmp.write_text(str(base))
+        os.replace(tmp, sidecar)
+        os.replace(path, _log_rotated(path))
+        self._log_bases[path] = base
+
     def append_log(self, job_id: int, worker_index: int, data: bytes) -> None:
+        """Add to a worker's log of the job: at most ``LOG_FILE_BYTES`` in the current
+        file plus one rotated file. A full disk answers 507 and shows on the job."""
         self.get(job_id)
         path = self.ctx.home.job_log(job_id, worker_index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                size = f.tell()
+                rotate = size > 0 and size + len(data) > defaults.LOG_FILE_BYTES
+                if not rotate:
+                    try:
+                        f.write(data)
+                        f.flush()
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            f.truncate(size)  # no half chunk: the agent counts it as dropped
+                        raise
+            if rotate:
+                self._rotate_log(path, size)
+                with open(path, "ab") as f:
+                    f.write(data)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            message = (
+                f"cannot write the job's log {path}: no space left on device; free space "
+                "there (the mapper's output is dropped meanwhile, and counted)"
+            )
+            self.set_health(job_id, "logs", message)
+            raise DiskFullError(message) from None
+        self.set_health(job_id, "logs", None)
         self.ctx.notifier.notify(("log", job_id))
 
     def read_logs(
         self, job_id: int, worker: int | None, offsets: dict[int, int]
-    ) -> tuple[list[tuple[int, bytes, int]], JobRecord]:
-        """New log bytes per worker from the given offsets: (worker, data, next offset).
+    ) -> tuple[list[tuple[int, bytes, int, bool]], JobRecord]:
+        """New log bytes per worker from the given offsets: (worker, data, next offset,
+        whether there is more to read now), at most ``LOG_PAGE_BYTES`` in all.
 
-        While the job runs only whole lines are returned, so a follower never
-        splits a line (or a UTF-8 character) in two.
+        Offsets count all of a worker's output, rotated and dropped included, so they
+        stay valid across rotations. While the job runs only whole lines are
+        returned, so a follower never splits a line (or a UTF-8 character) in two.
         """
         job = self.get(job_id)
         root = self.ctx.home.job_log(job_id, 0).parent
         if not root.exists():
             return [], job
+        paths = {int(p.stem.split("-", 1)[1]): p for p in root.glob("worker-*.log")}
         chunks = []
-        for path in root.glob("worker-*.log"):
-            index = int(path.stem.split("-", 1)[1])
+        budget = defaults.LOG_PAGE_BYTES
+        for index, path in sorted(paths.items()):
             if worker is not None and index != worker:
                 continue
             offset = offsets.get(index, 0)
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-            if not job.status.finished:
-                data = data[: data.rfind(b"\n") + 1]
-            chunks.append((index, data, offset + len(data)))
-        return sorted(chunks), job
+            if budget <= 0:
+                chunks.append((index, b"", offset, True))
+                continue
+            data, end, more = self._read_log(path, offset, not job.status.finished, budget)
+            budget -= len(data)
+            chunks.append((index, data, end, more))
+        return chunks, job
+
+    def _read_log(
+        self, path: Path, offset: int, whole_lines: bool, page: int
+    ) -> tuple[bytes, int, bool]:
+        base = self._log_base(path)
+        rotated = _log_rotated(path)
+        try:
+            start = base - rotated.stat().st_size  # the oldest byte still kept
+        except OSError:
+            start = base
+        note = b""
+        if offset < start:
+            cap = defaults.LOG_FILE_BYTES
+            note = (
+                f"[skybatch: {start - offset} bytes of this worker's output were dropped here; "
+                f"the server keeps its last {cap} to {2 * cap} bytes per job "
+                "(SKYBATCH_LOG_FILE_BYTES)]\n"
+            ).encode()
+            offset = start
+        from_rotated = offset < base
+        try:
+            with open(rotated if from_rotated else path, "rb") as f:
+                f.seek(offset - (start if from_rotated else base))
+                data = f.read(page)
+        except FileNotFoundError:
+            data = b""
+        full_page = len(data) == page
+        if full_page or (whole_lines and not from_rotated):
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                data = data[:cut]
+            elif not full_page:
+                data = b""  # a line still being written
+        return note + data, offset + len(data), full_page or from_rotated

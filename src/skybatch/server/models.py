@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from skybatch import defaults
+from skybatch.pools.spec import job_name_error
+
+#: Ids and counts are SQLite integers: past this they would overflow (a 500), so
+#: the models refuse them (a 422 naming the field).
+INT64_MAX = 2**63 - 1
+Id = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class MapperSpec(BaseModel):
@@ -22,16 +28,27 @@ class JobSubmit(BaseModel):
     reader: dict[str, Any]
     writers: list[dict[str, Any]]
     mapper: MapperSpec
-    batch_size: int
+    batch_size: int = Field(le=2**31 - 1)  # below 1 gets the server's own message
     activate_env: str | None = None
     overwrite: bool = False
-    max_retries: int = Field(default=defaults.MAX_RETRIES, ge=0)
-    retry_backoff: float = Field(default=defaults.RETRY_BACKOFF, ge=0)
-    batch_timeout: float | None = Field(default=None, gt=0)
-    max_failed_rows: int | None = Field(default=None, ge=0)
+    # The backoff doubles with each try: past ~1000 it is no longer a float.
+    max_retries: int = Field(default=defaults.MAX_RETRIES, ge=0, le=1000)
+    retry_backoff: float = Field(
+        default=defaults.RETRY_BACKOFF, ge=0, le=86400, allow_inf_nan=False
+    )
+    batch_timeout: float | None = Field(default=None, gt=0, le=10**9, allow_inf_nan=False)
+    max_failed_rows: int | None = Field(default=None, ge=0, le=INT64_MAX)
     errors: dict[str, Any] | None = None
     #: Dataset.from_items: the rows as JSON Lines; the reader spec is then a placeholder.
     items: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = job_name_error(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class ResumeRequest(BaseModel):
@@ -59,6 +76,9 @@ class JobView(BaseModel):
     version: int
     failed_rows: int = 0
     outputs: list[str]
+    #: What holds the running job back without failing it, e.g. a full disk (path and
+    #: "no space left"); None when nothing does.
+    health: str | None = None
 
 
 class WorkerView(BaseModel):
@@ -96,11 +116,11 @@ class ReduceResult(BaseModel):
 
 
 class Register(BaseModel):
-    pid: int
+    pid: Id
 
 
 class SetupFailed(BaseModel):
-    exit_code: int
+    exit_code: int = Field(ge=-INT64_MAX, le=INT64_MAX)
     output: str
 
 
@@ -110,11 +130,17 @@ class LeaseRequest(BaseModel):
 
 
 class Heartbeat(BaseModel):
-    attempts: list[int]
+    attempts: list[Id]
+
+
+class HealthReport(BaseModel):
+    #: What holds the agent's batch of the job back (a full disk); None: nothing now.
+    message: str | None = Field(default=None, max_length=4000)
 
 
 class FailRequest(BaseModel):
-    kind: str = Field(pattern="^(mapper|system)$")
+    # signal: the runner was killed by a signal it did not send itself (see JobService.fail).
+    kind: str = Field(pattern="^(mapper|system|signal)$")
     error: str
     traceback: str | None = None
 
@@ -128,3 +154,5 @@ class LogChunk(BaseModel):
 class LogsView(BaseModel):
     status: str
     chunks: list[LogChunk]
+    #: More output is there already: ask again at once (replies are paged).
+    more: bool = False

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import defaultdict
 from typing import Any
 
 from pydantic import ValidationError
 
 from skybatch import defaults
-from skybatch.errors import ConfigError, ConflictError, NotFoundError, PoolSpecError
+from skybatch.errors import ConflictError, NotFoundError, PoolSpecError
 from skybatch.pools import Provider, provider_for
 from skybatch.pools.base import WorkerLaunch
-from skybatch.pools.spec import PoolSpec
+from skybatch.pools.spec import PoolSpec, check_pool_name
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService
 from skybatch.server.models import PoolView, WorkerView
@@ -25,7 +24,6 @@ __all__ = ["PoolService"]
 
 log = logging.getLogger("skybatch.server")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 #: A worker that dies this many times in a row before becoming ready fails its pool.
 _MAX_EARLY_DEATHS = 3
 
@@ -91,11 +89,7 @@ class PoolService:
     # -- apply and down ------------------------------------------------------------------
 
     async def apply(self, name: str, raw_spec: dict[str, Any]) -> PoolRecord:
-        if not _NAME.match(name):
-            raise ConfigError(
-                f"invalid pool name {name!r}: use letters, digits, '-', '_' or '.', "
-                "starting with a letter or digit (at most 63 characters)"
-            )
+        check_pool_name(name)
         try:
             spec = PoolSpec.model_validate(raw_spec)
         except ValidationError as e:

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from skybatch.errors import DiskFullError, ServerError
 from skybatch.io.base import BatchPlan, Part
 from skybatch.server import scheduler
 from skybatch.server.store import (
     AttemptRecord,
     JobRecord,
     Lease,
+    OutputClaimed,
     PoolRecord,
     Store,
     WorkerRecord,
+    claimed_outputs,
 )
 from skybatch.states import BatchStatus, JobStatus, PoolStatus, WorkerStatus
 
 __all__ = ["SqliteStore"]
+
+log = logging.getLogger("skybatch.server")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools(
@@ -66,6 +74,9 @@ CREATE INDEX IF NOT EXISTS attempts_batch ON attempts(job_id, batch);
 CREATE TABLE IF NOT EXISTS poison(
   job_id INTEGER NOT NULL, row INTEGER NOT NULL, input TEXT NOT NULL, error TEXT NOT NULL,
   traceback TEXT, PRIMARY KEY(job_id, row)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outputs(
+  path TEXT PRIMARY KEY, job_id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id);
 """
 
 #: Columns added after the first schema: (table, column, declaration), applied in order.
@@ -74,6 +85,8 @@ _ADDED_COLUMNS = [
     ("jobs", "splits", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "failed_rows", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "generation", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "index_starts", "INTEGER NOT NULL DEFAULT 0"),
+    ("batches", "signals", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 #: Batches made by splitting a failed batch get indices from here up, clear of planned ones.
@@ -136,16 +149,84 @@ class SqliteStore(Store):
     """State in one SQLite file. Safe to share between the event loop and worker threads."""
 
     def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._path = Path(path)
         self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across a crash of this process (WAL); only power loss can
-        # drop the last transactions, which re-running those batches repairs.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self.problem: str | None = None
+        self._db = self._connect()
         self._db.executescript(_SCHEMA)
         self._migrate()
+        self._claim_unfinished_outputs()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Created 0600 here (SQLite gives its -wal and -shm files the same mode); the
+        # umask would leave state.db readable by everyone.
+        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
+        db = sqlite3.connect(str(self._path), check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across a crash of this process (WAL); only power loss can
+        # drop the last transactions, which re-running those batches repairs.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        st = os.stat(self._path)
+        self._file_id = (st.st_dev, st.st_ino)
+        return db
+
+    def check_file(self) -> None:
+        """Put state.db back if it was deleted or replaced under us (one stat when not).
+
+        The open connection still holds the whole state, so it is written back to the
+        path; going on silently would lose every job and pool at the next restart.
+        If that fails, the store refuses all further work with :attr:`problem`.
+        """
+        if self.problem is not None:
+            return
+        try:
+            st = os.stat(self._path)
+            if (st.st_dev, st.st_ino) == self._file_id:
+                return
+            what = "replaced"
+        except FileNotFoundError:
+            what = "deleted"
+        with self._lock:
+            try:
+                aside = self._restore(what)
+            except (OSError, sqlite3.Error) as e:
+                self.problem = (
+                    f"{self._path} was {what} while the server ran and could not be restored "
+                    f"({e}); this server stopped serving: restart it to go on from what is "
+                    "on disk"
+                )
+                log.error("%s", self.problem)
+                return
+        log.warning(
+            "%s was %s while the server ran; restored it from the open database%s",
+            self._path,
+            what,
+            f" (the file found there is now {aside})" if aside else "",
+        )
+
+    def _restore(self, what: str) -> Path | None:
+        tmp = self._path.with_name(self._path.name + ".restoring")
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        copy = sqlite3.connect(str(tmp))
+        try:
+            self._db.backup(copy)
+        finally:
+            copy.close()
+        aside = None
+        if what == "replaced":
+            aside = self._path.with_name(f"{self._path.name}.replaced-{int(time.time())}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self._path, aside)
+        self._db.close()
+        # The old file's WAL must not be replayed into the copy.
+        for suffix in ("-wal", "-shm"):
+            self._path.with_name(self._path.name + suffix).unlink(missing_ok=True)
+        os.replace(tmp, self._path)
+        self._db = self._connect()
+        return aside
 
     def _migrate(self) -> None:
         """Add the columns newer versions introduced to a database made by an older one."""
@@ -154,28 +235,69 @@ class SqliteStore(Store):
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
+    def _claim_unfinished_outputs(self) -> None:
+        """Claims for unfinished jobs of a database made before outputs were claimed."""
+        with self._tx() as db:
+            for job_id, spec in db.execute(
+                "SELECT id, spec FROM jobs WHERE status IN (?,?,?)",
+                (*_ACTIVE, JobStatus.REDUCING.value),
+            ).fetchall():
+                db.executemany(
+                    "INSERT OR IGNORE INTO outputs(path, job_id) VALUES(?,?)",
+                    [(p, job_id) for p in claimed_outputs(orjson.loads(spec))],
+                )
+
+    @staticmethod
+    def _claim(db: sqlite3.Connection, job_id: int, outputs: Sequence[str]) -> None:
+        """Inside the caller's transaction: raising rolls back what it recorded."""
+        for path in outputs:
+            owner = db.execute("SELECT job_id FROM outputs WHERE path=?", (path,)).fetchone()
+            if owner is not None and owner[0] != job_id:
+                raise OutputClaimed(path, owner[0])
+            db.execute("INSERT OR IGNORE INTO outputs(path, job_id) VALUES(?,?)", (path, job_id))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def _refuse_if_lost(self) -> None:
+        if self.problem is not None:
+            raise ServerError(self.problem)
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._refuse_if_lost()
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # A full disk may have rolled it back already: ROLLBACK would then
+                    # fail and hide the error, and a transaction left open would stop
+                    # every later one (the state could not recover with the space).
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if "database or disk is full" not in str(e):  # SQLITE_FULL's message
+                    raise
+                raise DiskFullError(
+                    f"cannot write the state database {self._path}: no space left on its "
+                    "file system (database or disk is full); free space there and skybatch "
+                    "carries on"
+                ) from None
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
         with self._lock:
+            self._refuse_if_lost()
             row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
             return row
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
+            self._refuse_if_lost()
             return self._db.execute(sql, args).fetchall()
 
     # -- pools and workers -------------------------------------------------------------
@@ -256,7 +378,9 @@ class SqliteStore(Store):
 
     # -- jobs and batches ----------------------------------------------------------------
 
-    def create_job(self, name: str, pool: str, spec: dict[str, Any], now: float) -> int:
+    def create_job(
+        self, name: str, pool: str, spec: dict[str, Any], now: float, outputs: Sequence[str] = ()
+    ) -> int:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO jobs(name, pool, status, spec, submitted_at, max_retries, "
@@ -272,6 +396,7 @@ class SqliteStore(Store):
                 ),
             )
             assert cur.lastrowid is not None
+            self._claim(db, cur.lastrowid, outputs)
             return cur.lastrowid
 
     def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
@@ -282,7 +407,24 @@ class SqliteStore(Store):
         with self._tx() as db:
             db.execute("DELETE FROM batches WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM attempts WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM outputs WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def prune_jobs(self, finished_before: float | None, keep: int) -> list[JobRecord]:
+        done = [s.value for s in JobStatus if s.finished]
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(done))}) "
+                "ORDER BY id DESC",
+                done,
+            ).fetchall()[keep:]
+            if finished_before is not None:
+                rows = [r for r in rows if (r["finished_at"] or 0) < finished_before]
+            ids = [(r["id"],) for r in rows]
+            for table in ("batches", "attempts", "poison", "outputs"):
+                db.executemany(f"DELETE FROM {table} WHERE job_id=?", ids)
+            db.executemany("DELETE FROM jobs WHERE id=?", ids)
+            return [_job(r) for r in rows]
 
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -315,11 +457,29 @@ class SqliteStore(Store):
                     for b in batches
                 ],
             )
+            # New batches are progress: indexing interrupted after them starts afresh.
             db.execute(
                 "UPDATE jobs SET total_batches=total_batches+?, planned=planned+?, "
-                "total_rows=total_rows+?, indexed=?, version=version+1 WHERE id=?",
-                (len(batches), len(batches), sum(b.row_count for b in batches), int(done), job_id),
+                "total_rows=total_rows+?, indexed=?, version=version+1, "
+                "index_starts=CASE WHEN ? THEN 0 ELSE index_starts END WHERE id=?",
+                (
+                    len(batches),
+                    len(batches),
+                    sum(b.row_count for b in batches),
+                    int(done),
+                    bool(batches),
+                    job_id,
+                ),
             )
+
+    def note_index_start(self, job_id: int, restart: bool) -> int:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE jobs SET index_starts=CASE WHEN ? THEN index_starts+1 ELSE 1 END "
+                "WHERE id=? RETURNING index_starts",
+                (restart, job_id),
+            ).fetchall()
+            return int(rows[0][0]) if rows else 0
 
     def set_job_status(
         self, job_id: int, status: JobStatus, now: float, error: str | None = None
@@ -335,6 +495,7 @@ class SqliteStore(Store):
                 (status.value, error, finished, job_id),
             )
             if status.finished:
+                db.execute("DELETE FROM outputs WHERE job_id=?", (job_id,))
                 db.execute(
                     "UPDATE attempts SET status='REVOKED', finished_at=? "
                     "WHERE job_id=? AND status='LEASED'",
@@ -347,7 +508,14 @@ class SqliteStore(Store):
                 )
             return True
 
-    def reopen_job(self, job_id: int, pool: str, spec: dict[str, Any], now: float) -> bool:
+    def reopen_job(
+        self,
+        job_id: int,
+        pool: str,
+        spec: dict[str, Any],
+        now: float,
+        outputs: Sequence[str] = (),
+    ) -> bool:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET status='PENDING', pool=?, spec=?, error=NULL, finished_at=NULL, "
@@ -358,9 +526,11 @@ class SqliteStore(Store):
             )
             if cur.rowcount == 0:
                 return False
+            self._claim(db, job_id, outputs)
             db.execute(
                 "UPDATE batches SET status='PENDING', attempt=NULL, failures=0, "
-                "system_failures=0, ready_at=0 WHERE job_id=? AND status IN ('FAILED','LEASED')",
+                "system_failures=0, signals=0, ready_at=0 "
+                "WHERE job_id=? AND status IN ('FAILED','LEASED')",
                 (job_id,),
             )
             return True
@@ -530,7 +700,7 @@ class SqliteStore(Store):
     def _live_attempt(self, db: sqlite3.Connection, attempt: int) -> sqlite3.Row | None:
         """The attempt's row if it still holds its batch's lease (fencing)."""
         row: sqlite3.Row | None = db.execute(
-            "SELECT a.job_id, a.batch, b.row_count, b.failures, b.system_failures, "
+            "SELECT a.job_id, a.batch, b.row_count, b.failures, b.system_failures, b.signals, "
             "j.max_retries, j.retry_backoff FROM attempts a "
             "JOIN batches b ON b.job_id=a.job_id AND b.idx=a.batch "
             "JOIN jobs j ON j.id=a.job_id "
@@ -633,17 +803,27 @@ class SqliteStore(Store):
         traceback: str | None,
         now: float,
         max_system_failures: int,
+        signal: bool = False,
     ) -> tuple[JobRecord, int | None] | None:
         with self._tx() as db:
             row = self._live_attempt(db, attempt)
             if row is None:
                 return None
+            kind = "mapper" if mapper_caused else "system"
+            if signal:
+                # One kill from outside (an operator, the OOM killer for another process's
+                # sake) is not the mapper's fault; a batch whose runner dies again is.
+                mapper_caused, kind = row["signals"] > 0, "signal"
+                db.execute(
+                    "UPDATE batches SET signals=signals+1 WHERE job_id=? AND idx=?",
+                    (row["job_id"], row["batch"]),
+                )
             failed = self._put_back(
                 db,
                 attempt,
                 row,
                 mapper_caused=mapper_caused,
-                kind="mapper" if mapper_caused else "system",
+                kind=kind,
                 error=error,
                 traceback=traceback,
                 now=now,

@@ -12,10 +12,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skybatch.errors import ConflictError
 from skybatch.io.base import BatchPlan, Part
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
 
-__all__ = ["AttemptRecord", "JobRecord", "Lease", "PoolRecord", "Store", "WorkerRecord"]
+__all__ = [
+    "AttemptRecord",
+    "JobRecord",
+    "Lease",
+    "OutputClaimed",
+    "PoolRecord",
+    "Store",
+    "WorkerRecord",
+    "claimed_outputs",
+]
+
+
+class OutputClaimed(ConflictError):
+    """Another unfinished job owns one of the outputs (from create_job or reopen_job)."""
+
+    def __init__(self, path: str, job_id: int) -> None:
+        super().__init__(f"job {job_id} is already writing {path}")
+        self.path = path
+        self.job_id = job_id
+
+
+def claimed_outputs(spec: dict[str, Any]) -> list[str]:
+    """The paths a job's spec writes: its outputs and its errors output."""
+    paths = [w["path"] for w in spec["writers"]]
+    if spec.get("errors"):
+        paths.append(spec["errors"]["path"])
+    return paths
 
 
 @dataclass
@@ -90,6 +117,12 @@ class AttemptRecord:
 class Store(abc.ABC):
     """Pools, workers, jobs, batches and attempts, each change one transaction."""
 
+    #: Set when the store can no longer keep state (its file was lost): one line.
+    problem: str | None = None
+
+    def check_file(self) -> None:  # noqa: B027 - a no-op for stores without a file
+        """Called by the monitor: notice (and repair) state lost under the server."""
+
     # -- pools and workers -------------------------------------------------------------
 
     @abc.abstractmethod
@@ -134,7 +167,14 @@ class Store(abc.ABC):
     # -- jobs and batches ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def create_job(self, name: str, pool: str, spec: dict[str, Any], now: float) -> int: ...
+    def create_job(
+        self, name: str, pool: str, spec: dict[str, Any], now: float, outputs: Sequence[str] = ()
+    ) -> int:
+        """Record a pending job and claim ``outputs`` for it, in one transaction.
+
+        Raises :class:`OutputClaimed` (and records nothing) if an unfinished job
+        owns one of them. A job's claims go when it finishes or is deleted.
+        """
 
     @abc.abstractmethod
     def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
@@ -143,6 +183,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_job(self, job_id: int) -> None:
         """Forget a job that never started (its submission was refused)."""
+
+    @abc.abstractmethod
+    def prune_jobs(self, finished_before: float | None, keep: int) -> list[JobRecord]:
+        """Forget finished jobs (every row of theirs), but the ``keep`` most recent ones
+        and those finished at or after ``finished_before``; the jobs forgotten."""
 
     @abc.abstractmethod
     def get_job(self, job_id: int) -> JobRecord | None: ...
@@ -159,6 +204,11 @@ class Store(abc.ABC):
         """Record planned batches; ``done`` marks the end of indexing."""
 
     @abc.abstractmethod
+    def note_index_start(self, job_id: int, restart: bool) -> int:
+        """Count a start of the job's indexing: how many starts since it last added a
+        batch (a fresh start, not after a ``restart`` of the server, counts from 1)."""
+
+    @abc.abstractmethod
     def set_job_status(
         self, job_id: int, status: JobStatus, now: float, error: str | None = None
     ) -> bool:
@@ -169,8 +219,18 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def reopen_job(self, job_id: int, pool: str, spec: dict[str, Any], now: float) -> bool:
-        """Make a failed or cancelled job run again: its failed batches get fresh retries."""
+    def reopen_job(
+        self,
+        job_id: int,
+        pool: str,
+        spec: dict[str, Any],
+        now: float,
+        outputs: Sequence[str] = (),
+    ) -> bool:
+        """Make a failed or cancelled job run again: its failed batches get fresh retries.
+
+        Claims ``outputs`` again, raising :class:`OutputClaimed` as create_job does.
+        """
 
     @abc.abstractmethod
     def split_batch(self, job_id: int, batch: int, halves: Sequence[BatchPlan]) -> None:
@@ -231,9 +291,11 @@ class Store(abc.ABC):
         traceback: str | None,
         now: float,
         max_system_failures: int,
+        signal: bool = False,
     ) -> tuple[JobRecord, int | None] | None:
         """Record a failed attempt: (job, the batch if it exhausted its retries), or None
-        if the attempt no longer held its lease."""
+        if the attempt no longer held its lease. A ``signal`` death (the runner killed)
+        is free the first time for its batch and costs a retry each time after."""
 
     @abc.abstractmethod
     def release_worker(

@@ -1,0 +1,102 @@
+"""The SQLite store: pruning finished jobs, and state.db deleted under an open store."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from skybatch.errors import ServerError
+from skybatch.io.base import BatchPlan
+from skybatch.server.sqlite import SqliteStore
+from skybatch.states import JobStatus, WorkerStatus
+
+SPEC = {"max_retries": 1, "retry_backoff": 0.0, "writers": []}
+
+
+def _job(store: SqliteStore, status: JobStatus, finished_at: float) -> int:
+    job = store.create_job("j", "p", SPEC, now=0)
+    store.add_batches(job, [BatchPlan(0, 0, 0, 10, 0, 1, 1)], done=True)
+    if status is not JobStatus.RUNNING:
+        store.set_job_status(job, JobStatus.RUNNING, now=0)
+        store.set_job_status(job, status, now=finished_at, error="x")
+    return job
+
+
+def _rows(path: Path, table: str, job_id: int) -> int:
+    column = "id" if table == "jobs" else "job_id"
+    db = sqlite3.connect(path)
+    try:
+        (count,) = db.execute(
+            f"SELECT count(*) FROM {table} WHERE {column}=?", (job_id,)
+        ).fetchone()
+        return int(count)
+    finally:
+        db.close()
+
+
+def test_prune_forgets_finished_jobs_but_the_newest_and_the_young(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    store.put_pool("p", {}, now=0)
+    worker = store.add_worker("p", 0, now=0)
+    store.set_worker(worker, status=WorkerStatus.READY, now=0)
+    old_ok = _job(store, JobStatus.SUCCEEDED, finished_at=100)
+    old_failed = _job(store, JobStatus.FAILED, finished_at=200)
+    running = _job(store, JobStatus.RUNNING, finished_at=0)
+    lease = store.lease("p", worker, now=1, ttl=30)
+    assert lease is not None and lease.job_id == running  # running has a live attempt
+    young = _job(store, JobStatus.CANCELLED, finished_at=1000)
+    newest = _job(store, JobStatus.SUCCEEDED, finished_at=50)
+
+    # The newest finished job is kept, and so is the one finished at or after 500.
+    pruned = store.prune_jobs(finished_before=500, keep=1)
+    assert sorted(j.id for j in pruned) == [old_ok, old_failed]
+    assert [j.id for j in store.list_jobs()] == [running, young, newest]
+    for job_id in (old_ok, old_failed):
+        for table in ("jobs", "batches", "attempts", "poison"):
+            assert _rows(tmp_path / "state.db", table, job_id) == 0, table
+    assert _rows(tmp_path / "state.db", "batches", running) == 1
+
+    # Without bounds every finished job goes; the running one never does.
+    assert sorted(j.id for j in store.prune_jobs(None, 0)) == [young, newest]
+    assert [j.id for j in store.list_jobs()] == [running]
+    assert store.prune_jobs(None, 0) == []
+    # Ids are never handed out again (logs and staging areas are named by them).
+    assert store.create_job("next", "p", SPEC, now=0) == newest + 1
+    store.close()
+
+
+def test_a_deleted_state_db_is_written_back_from_the_open_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.put_pool("p", {"a": 1}, now=0)
+    job = store.create_job("j", "p", SPEC, now=0)
+    path.unlink()
+    store.put_pool("q", {}, now=1)  # a change after the deletion, before the check
+    store.check_file()
+    assert path.exists() and store.problem is None
+    assert (path.stat().st_mode & 0o777) == 0o600
+    store.put_pool("r", {}, now=2)
+    store.close()
+    again = SqliteStore(path)
+    assert [p.name for p in again.list_pools()] == ["p", "q", "r"]
+    assert again.get_job(job) is not None
+    again.close()
+
+
+def test_a_state_db_that_cannot_be_restored_stops_the_store(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    store = SqliteStore(home / "state.db")
+    store.put_pool("p", {}, now=0)
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (home / name).unlink(missing_ok=True)
+    home.rmdir()
+    store.check_file()
+    assert store.problem is not None
+    assert store.problem.startswith(f"{home / 'state.db'} was deleted while the server ran")
+    assert "\n" not in store.problem
+    with pytest.raises(ServerError, match="could not be restored"):
+        store.list_pools()
+    store.close()
