@@ -3,7 +3,10 @@ per output, and malformed submissions refused as a 4xx that names the field."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +19,7 @@ import psutil
 import pytest
 
 import skybatch
-from tests.conftest import Deployment, deployment_at, read_jsonl, write_jsonl
+from tests.conftest import Deployment, deployment_at, read_jsonl, wait_for, write_jsonl
 
 MiB = 1024 * 1024
 
@@ -24,6 +27,23 @@ MiB = 1024 * 1024
 @skybatch.remote_function
 def echo():
     for batch in skybatch.load():
+        skybatch.save_results([dict(item) for item in batch])
+
+
+@skybatch.remote_function
+def sleepy():
+    import time
+
+    for batch in skybatch.load():
+        time.sleep(30)  # holds its outputs' claims until the test cancels it
+        skybatch.save_results([dict(item) for item in batch])
+
+
+@skybatch.remote_function
+def fails_on_5():
+    for batch in skybatch.load():
+        if any(item["i"] == 5 for item in batch):
+            raise ValueError("row 5")
         skybatch.save_results([dict(item) for item in batch])
 
 
@@ -286,3 +306,220 @@ def test_names_are_one_printable_line(dep: Deployment, tmp_path: Path) -> None:
         "letter or digit (at most 63 characters)",
     )
     assert [p.name for p in skybatch.pool_status()] == ["p"]
+
+
+def read_until_closed(conn: socket.socket, timeout: float = 10) -> bytes:
+    """What the server sends until it closes the connection (``timeout`` at most)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    conn.settimeout(timeout)
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while time.monotonic() < deadline:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def raw_error(answer: bytes) -> tuple[bytes, str, str]:
+    """(status line, error type, message) of a raw HTTP answer."""
+    status, _, rest = answer.partition(b"\r\n")
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+    return status, body["type"], body["message"]
+
+
+def test_endless_request_heads_are_cut_off_without_a_token(dep: Deployment) -> None:
+    url, _, pid = server(dep)
+    port = int(url.rsplit(":", 1)[1])
+    head = f"GET /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+
+    def flood(one_value: bool) -> bytes:
+        """20 MB of headers (or of one header's value), or less if the server hangs up."""
+        piece = b"v" * 65536 if one_value else b"X-B: 1\r\n" * 8192
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.sendall(head + (b"X-Big: " if one_value else b""))
+                for _ in range(20 * 16):
+                    conn.sendall(piece)
+            return read_until_closed(conn)
+
+    health: list[float] = []
+
+    def floods() -> list[bytes]:
+        with ThreadPoolExecutor(3) as pool:
+            sent = [pool.submit(flood, one_value) for one_value in (False, True, False)]
+            deadline = time.monotonic() + 120
+            while not all(f.done() for f in sent) and time.monotonic() < deadline:
+                start = time.monotonic()
+                assert httpx.get(f"{url}/v1/health", timeout=30).status_code == 200
+                health.append(time.monotonic() - start)
+                time.sleep(0.05)
+            return [f.result(timeout=30) for f in sent]
+
+    answers, growth = peak_rss_growth(pid, floods)
+    # Before: the server read all 60 MB (RSS +250 MB or more) and never answered.
+    for answer in answers:
+        assert raw_error(answer) == (
+            b"HTTP/1.1 431 Request Header Fields Too Large",
+            "ConfigError",
+            "request head too large: the request line and headers take at most 64 KiB "
+            "(65536 bytes)",
+        )
+    assert growth < 30 * MiB, f"server RSS grew by {growth / MiB:.0f} MiB"
+    assert health and max(health) < 2, health
+    assert httpx.get(f"{url}/v1/health").status_code == 200
+
+
+def test_more_than_one_host_header_is_400(dep: Deployment) -> None:
+    url, auth, _ = server(dep)
+    port = int(url.rsplit(":", 1)[1])
+    for hosts in (["evil.example", f"127.0.0.1:{port}"], [f"127.0.0.1:{port}"] * 2):
+        request = "GET /v1/jobs HTTP/1.1\r\n" + "".join(f"Host: {h}\r\n" for h in hosts)
+        request += f"Authorization: {auth['Authorization']}\r\nConnection: close\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(request.encode())
+            answer = read_until_closed(conn)
+        # Before: the last Host counted, so a rebound page's first one went unseen (200).
+        assert raw_error(answer) == (
+            b"HTTP/1.1 400 Bad Request",
+            "ConfigError",
+            "more than one Host header; send exactly one",
+        ), hosts
+
+
+def _cancel(*job_ids: int) -> None:
+    for job_id in job_ids:
+        skybatch.Job(str(job_id)).cancel()
+
+    def all_cancelled() -> bool:
+        return all(skybatch.Job(str(j)).status() is skybatch.JobStatus.CANCELLED for j in job_ids)
+
+    wait_for(all_cancelled, 30, f"jobs {job_ids} cancelled")
+
+
+def test_one_location_is_claimed_once_however_spelled_or_nested(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    url, auth, _ = server(dep)
+    data = write_jsonl(tmp_path / "in.jsonl", [{"i": i} for i in range(4)])
+    real = Path(os.path.realpath(tmp_path))
+    (real / "o").mkdir()
+    (real / "olink").symlink_to(real / "o")
+    out = real / "o" / "out.jsonl"
+    shards = real / "sh" / "out"
+    first = {"mapper": sleepy.to_spec(), "batch_size": 1}
+    a = httpx.post(f"{url}/v1/jobs", json=submit_body(data, out, **first), headers=auth)
+    b_writer = skybatch.JsonWriter(str(shards), shards=True).to_spec()
+    b = httpx.post(
+        f"{url}/v1/jobs", json=submit_body(data, out, writers=[b_writer], **first), headers=auth
+    )
+    owner_a, owner_b = a.json()["id"], b.json()["id"]
+    try:
+        conflicts: list[tuple[dict[str, Any], int, str]] = [
+            ({"path": str(real / "olink" / "out.jsonl")}, owner_a, f"{out}"),
+            ({"path": f"local://{out}"}, owner_a, f"{out}"),
+            ({"path": f"file://localhost{out}"}, owner_a, f"{out}"),
+            (
+                {"path": str(shards / "part-00000.jsonl")},
+                owner_b,
+                f"{shards}, which holds {shards}/part-00000.jsonl",
+            ),
+            ({"path": str(real / "o"), "shards": True}, owner_a, f"{out}, inside {real / 'o'}"),
+        ]
+        for writer, owner, what in conflicts:
+            body = submit_body(data, out, writers=[{"kind": "jsonl", **writer}])
+            r = httpx.post(f"{url}/v1/jobs", json=body, headers=auth)
+            # Before: each of these was accepted, and two jobs published over each other
+            # (a shards publish removed the other job's staging area: 16 batches lost).
+            assert error_of(r) == (
+                409,
+                "ConflictError",
+                f"job {owner} is already writing {what}; wait for it, cancel it "
+                f"(`skybatch jobs cancel {owner}`), or choose another output",
+            ), writer
+        inside = [
+            skybatch.JsonWriter(str(real / "d"), shards=True).to_spec(),
+            skybatch.JsonWriter(str(real / "d" / "x.jsonl")).to_spec(),
+        ]
+        r = httpx.post(f"{url}/v1/jobs", json=submit_body(data, out, writers=inside), headers=auth)
+        assert error_of(r) == (
+            400,
+            "ConfigError",
+            f"two outputs of this job overlap: {real / 'd'}, which holds {real / 'd'}/x.jsonl; "
+            "give each its own path",
+        )
+    finally:
+        _cancel(owner_a, owner_b)
+
+
+def test_a_cancelled_shards_job_leaves_no_directory(dep: Deployment, tmp_path: Path) -> None:
+    rows = [{"i": i} for i in range(4)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        sleepy,
+        pool_name="p",
+        batch_size=1,
+        output=skybatch.JsonWriter(str(out), shards=True),
+        stream=False,
+    )
+    assert out.is_dir()
+    _cancel(int(job.job_id))
+    # Before: the empty out.jsonl/ stayed, and the next submit failed "is a directory".
+    assert not out.exists()
+    skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        echo, pool_name="p", batch_size=2, output=skybatch.JsonWriter(str(out))
+    )
+    assert read_jsonl(out) == rows
+
+
+def test_resume_does_not_overwrite_a_newer_jobs_output(dep: Deployment, tmp_path: Path) -> None:
+    rows = [{"i": i} for i in range(6)]
+    ds = skybatch.Dataset(skybatch.JsonReader(str(write_jsonl(tmp_path / "in.jsonl", rows))))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(skybatch.JobFailedError) as e:
+        ds.map(fails_on_5, pool_name="p", batch_size=2, output=skybatch.JsonWriter(str(out)),
+               max_retries=0)  # fmt: skip
+    old = e.value.job_id
+    newer = [{"i": i, "newer": True} for i in range(3)]
+    skybatch.Dataset(skybatch.JsonReader(str(write_jsonl(tmp_path / "new.jsonl", newer)))).map(
+        echo, pool_name="p", batch_size=2, output=skybatch.JsonWriter(str(out))
+    )
+    # Before: the resume forced overwrite=True and replaced the newer job's output.
+    with pytest.raises(skybatch.OutputError) as refused:
+        ds.map(echo, pool_name="p", batch_size=2, output=skybatch.JsonWriter(str(out)),
+               resume=old)  # fmt: skip
+    assert str(refused.value) == (
+        f"output {out} already exists; pass overwrite=True to ds.map() to replace it, or "
+        "choose another path"
+    )
+    assert read_jsonl(out) == newer
+    ds.map(echo, pool_name="p", batch_size=2, output=skybatch.JsonWriter(str(out)),
+           resume=old, overwrite=True)  # fmt: skip
+    assert read_jsonl(out) == rows
+
+
+def test_relative_local_paths_are_refused(dep: Deployment, tmp_path: Path) -> None:
+    url, auth, _ = server(dep)
+    rows = [{"i": i} for i in range(3)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    hint = "is not an absolute path; send an absolute path or a URL such as s3://bucket/key"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"writers": [{"kind": "jsonl", "path": "rel.jsonl"}]}, "writers[0].path: 'rel.jsonl'"),
+        ({"reader": {"kind": "jsonl", "path": "in.jsonl"}}, "reader.path: 'in.jsonl'"),
+        ({"errors": {"kind": "jsonl", "path": "file://e.jsonl"}}, "errors.path: 'file://e.jsonl'"),
+    ]
+    before = [j.id for j in skybatch.jobs_queue()]
+    for changes, message in cases:
+        r = httpx.post(f"{url}/v1/jobs", json=submit_body(data, out, **changes), headers=auth)
+        # Before: accepted, and resolved against the server's working directory.
+        assert error_of(r) == (400, "ConfigError", f"{message} {hint}"), changes
+    assert [j.id for j in skybatch.jobs_queue()] == before
+    # file://localhost/ names a local path (before: <server cwd>/localhost/...).
+    body = submit_body(data, out, writers=[{"kind": "jsonl", "path": f"file://localhost{out}"}])
+    r = httpx.post(f"{url}/v1/jobs", json=body, headers=auth)
+    assert r.status_code == 200, r.text
+    skybatch.Job(str(r.json()["id"])).wait(timeout=120)
+    assert read_jsonl(out) == rows

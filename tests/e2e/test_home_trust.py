@@ -14,6 +14,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import psutil
 import pytest
 
 import skybatch
+from skybatch.agent import process
 from skybatch.client.api import close_clients
 from skybatch.config import Home
 from skybatch.errors import ConfigError
@@ -235,6 +237,7 @@ def test_our_home_left_open_is_closed_to_others(
 
 @skybatch.remote_function
 def snoop():
+    import json
     import os
 
     for batch in skybatch.load():
@@ -246,6 +249,7 @@ def snoop():
                 "given": row["token_path"],
                 "parent_environ": f"/proc/{os.getppid()}/environ",
                 "relative": "../../../token",
+                "state": row["db_path"],
             }
             for label, path in paths.items():
                 try:
@@ -253,27 +257,93 @@ def snoop():
                         seen[label] = f.read().decode(errors="replace")
                 except OSError as e:
                     seen[label] = f"{type(e).__name__}"
+            seen["home"] = sorted(os.listdir(row["home"]))
+            with open("mapper-was-here", "w") as f:
+                f.write("in its worker directory")
+            # The attack: point the user's next client call at a listener of ours.
+            fake = {"pid": row["server_pid"], "url": "http://127.0.0.1:9", "port": 9}
+            try:
+                with open(row["server_json"], "w") as f:
+                    json.dump(fake, f)
+                seen["server_json"] = "written"
+            except OSError as e:
+                seen["server_json"] = type(e).__name__
             out.append(seen)
         skybatch.save_results(out)
 
 
-def test_the_mapper_cannot_read_the_token(deployment: Deployment, tmp_path: Path) -> None:
+def test_the_mapper_cannot_reach_the_home(deployment: Deployment, tmp_path: Path) -> None:
     deployment.pool("p", workers=1, tmp=tmp_path)
-    token = deployment.home.token_file.read_text()
-    path = str(deployment.home.token_file)
-    rows = (
-        skybatch.Dataset.from_items([{"token_path": path}] * 2)
-        .map(snoop, pool_name="p", batch_size=1)
-        .results()
-    )
+    home = deployment.home
+    token = home.token_file.read_text()
+    server_json = home.server_file.read_bytes()
+    row = {
+        "token_path": str(home.token_file),
+        "db_path": str(home.db),
+        "server_json": str(home.server_file),
+        "server_pid": deployment.server_pid(),
+        "home": str(home.root),
+    }
+    rows = skybatch.Dataset.from_items([row] * 2).map(snoop, pool_name="p", batch_size=1).results()
     assert len(rows) == 2
-    for row in rows:
-        assert token not in json.dumps(row), row
-        assert row["home_env"] == "FileNotFoundError"  # SKYBATCH_HOME is not set for it
-        assert row["given"] == "" and row["relative"] == ""  # /dev/null lies over the token
-        assert "SKYBATCH_WORKER_INDEX" in row["parent_environ"]  # it did read the agent's
+    for seen in rows:
+        assert token not in json.dumps(seen), seen
+        assert seen["home_env"] == "FileNotFoundError"  # SKYBATCH_HOME is not set for it
+        # An empty tmpfs lies over the home: only the worker's own directory is there.
+        for label in ("given", "relative", "state"):
+            assert seen[label] == "FileNotFoundError", label
+        # (server.json, once the runner's first batch wrote it into the tmpfs)
+        assert set(seen["home"]) <= {"pools", "server.json"}
+        assert seen["server_json"] == "written"  # root may: into its private tmpfs
+        assert "SKYBATCH_WORKER_INDEX" in seen["parent_environ"]  # it did read the agent's
+    assert home.server_file.read_bytes() == server_json
+    # Its worker directory is the real one.
+    (mark,) = (home.root / "pools" / "p").glob("*/mapper-was-here")
+    assert mark.read_text() == "in its worker directory"
+    (view,) = skybatch.jobs_queue()
+    assert view.status == "SUCCEEDED"
     logs = "".join(p.read_text() for p in (deployment.root / "logs").rglob("*.log"))
     assert "cannot hide" not in logs and token not in logs
+
+
+def test_the_mask_holds_for_a_mapper_of_another_user(
+    other_user: tuple[str, int], base: Path
+) -> None:
+    """The unprivileged path (user namespaces), run as a second user through the shell
+    (our Python lives where that user cannot read it)."""
+    name, uid = other_user
+    home = base / "home"
+    worker = home / "pools" / "p" / "worker-0"
+    worker.mkdir(parents=True)
+    (home / "token").write_text("secret")
+    (home / "server.json").write_text("{}")
+    (worker / "mine").write_text("mine")
+    for path in (home, *home.rglob("*")):
+        os.chown(path, uid, uid)
+    home.chmod(0o700)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "getuid", lambda: uid)
+        mp.setattr(os, "getgid", lambda: pwd.getpwnam(name).pw_gid)
+        prefix = process._hiding_commands()["user"]
+    probe = as_user(name, "unshare", "--user", "--map-root-user", "true")
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespaces for unprivileged users here: {probe.stderr.strip()}")
+    attack = (
+        "id -u; cat mine; cat ../../../token; cat $0/token; echo evil > $0/server.json; "
+        "umount $0 2>/dev/null && echo unmounted; cat $0/token; echo ok > theirs"
+    )
+    mapper = ["sh", "-c", attack, str(home)]
+    proc = subprocess.run(
+        ["runuser", "-u", name, "--", *prefix, str(home), "pools/p/worker-0", *mapper],
+        cwd=worker,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stdout.splitlines() == [str(uid), "mine"], proc.stderr
+    assert "secret" not in proc.stdout
+    assert (home / "server.json").read_text() == "{}"
+    assert (worker / "theirs").read_text() == "ok\n"  # its own directory is the real one
 
 
 @skybatch.remote_function
@@ -312,3 +382,93 @@ def test_state_db_deleted_under_a_running_server_comes_back(
     assert (view.id, view.status, view.committed_rows) == (int(job.job_id), "SUCCEEDED", 20)
     wait_for(lambda: skybatch.pool_status("p")[0].status == "READY", message="pool back")
     assert skybatch.Job(job.job_id).results() == [{"n": n * 2} for n in range(20)]
+
+
+@skybatch.remote_function
+def tag():
+    for batch in skybatch.load():
+        skybatch.save_results([{"n": r["n"], "by": "job"} for r in batch])
+
+
+def test_a_staging_area_planted_by_another_user_is_refused(
+    other_user: tuple[str, int], base: Path, tmp_path: Path
+) -> None:
+    name, uid = other_user
+    shared = base / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"n": n}) + "\n" for n in range(4)))
+    with deployment_at(base / "home") as d:
+        d.pool("p", workers=1, tmp=tmp_path)
+        dep = d.home.read_deployment_id()
+        root = shared / ".skybatch" / f"{dep}-1"
+        # Before the job exists, the other user makes its staging area, open to all.
+        plant = f"mkdir -m 1777 {root.parent} && mkdir -m 0777 {root} {root}/out.jsonl"
+        made = as_user(name, "sh", "-c", plant)
+        assert made.returncode == 0, made.stderr
+        with pytest.raises(skybatch.OutputError) as err:
+            skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+                tag, pool_name="p", batch_size=2,
+                output=skybatch.JsonWriter(str(shared / "out.jsonl")),
+            )  # fmt: skip
+        assert str(err.value) == (
+            f"staging area {root} was made by uid {uid}, not you (uid 0), so its parts may be "
+            "someone else's; remove it and submit the job again"
+        )
+        assert skybatch.jobs_queue() == []
+        assert not (shared / "out.jsonl").exists()
+
+        # Without it, our staging area is ours alone, in a sticky shared one.
+        # (the refused submit's cleanup may have removed it already)
+        shutil.rmtree(shared / ".skybatch", ignore_errors=True)
+        job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+            tag, pool_name="p", batch_size=2, stream=False,
+            output=skybatch.JsonWriter(str(shared / "out.jsonl")),
+        )  # fmt: skip
+        wait_for(lambda: (shared / ".skybatch").exists(), message="the staging area")
+        assert job.wait(timeout=60).info().status == "SUCCEEDED"
+        assert [json.loads(line) for line in (shared / "out.jsonl").read_text().splitlines()] == [
+            {"n": n, "by": "job"} for n in range(4)
+        ]
+
+
+def test_the_home_deleted_under_a_running_server(deployment: Deployment, tmp_path: Path) -> None:
+    deployment.pool("p", workers=1, tmp=tmp_path)
+    job = skybatch.Dataset.from_items([{"n": 1}, {"n": 2}]).map(double, pool_name="p", batch_size=1)
+    assert job.results() == [{"n": 2}, {"n": 4}]
+    home = deployment.home
+    token = home.token_file.read_text()
+    server = deployment.server_pid()
+    assert server is not None
+    with sqlite3.connect(home.db) as db:
+        handles = [json.loads(h) for (h,) in db.execute("SELECT handle FROM workers")]
+    agents = [h["pid"] for h in handles]
+    assert agents and all(psutil.pid_exists(pid) for pid in agents)
+    close_clients()
+
+    shutil.rmtree(home.root)
+    # The server puts the home back, then stops with its agents.
+    for pid in (server, *agents):
+        wait_for(lambda pid=pid: not _running(pid), timeout=30, message=f"pid {pid} to exit")
+    assert "state.db" in os.listdir(home.root)
+    assert home.token_file.read_text() == token
+    assert stat.S_IMODE(home.token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.root.stat().st_mode) == 0o700
+    log = home.server_log.read_text()
+    assert f"SKYBATCH_HOME {home.root} was deleted while the server ran; restored" in log
+
+    # The next command starts a server from the restored state.
+    queue = deployment.cli("jobs", "queue").stdout
+    assert f"{job.job_id}" in queue and "SUCCEEDED" in queue, queue
+    assert deployment.server_pid() not in (None, server)
+    for path in (home.server_file, home.server_lock, home.start_lock):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    wait_for(lambda: skybatch.pool_status("p")[0].status == "READY", message="the pool back")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

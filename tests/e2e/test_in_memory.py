@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import skybatch
-from skybatch.errors import ConfigError, ConflictError, JobFailedError
+from skybatch.errors import ConfigError, ConflictError, JobFailedError, NotFoundError
 from tests.conftest import Deployment, read_jsonl
 
 
@@ -35,6 +35,18 @@ def test_items_in_results_out(shared: Deployment) -> None:
     assert job.results() == [{"n": n, "sq": n * n} for n in range(25)]
     # Asking again gives the same rows: they stay with the job.
     assert job.results()[24] == {"n": 24, "sq": 576}
+
+
+def test_results_removed_from_the_home_are_one_line_not_a_500(shared: Deployment) -> None:
+    job = skybatch.Dataset.from_items([{"n": 1}]).map(square, pool_name="pool", batch_size=1)
+    results = shared.root / "jobs" / str(job.job_id) / "results.jsonl"
+    results.unlink()
+    with pytest.raises(NotFoundError) as e:
+        job.results()
+    assert str(e.value) == (
+        f"job {job.job_id}'s results are gone ({results} was removed, with the server's home "
+        "or by hand); run the job again"
+    )
 
 
 def test_items_to_a_file_output_leave_no_staging(shared: Deployment, tmp_path: Path) -> None:

@@ -161,3 +161,43 @@ def test_indexing_interrupted_by_restarts_is_not_started_again(
         f"(`skybatch jobs resume {job.job_id}`) if the restarts had another cause"
     )
     assert not server_reads(deployment, data)
+
+
+def test_a_compressed_input_in_one_huge_batch_keeps_the_server_small(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    import gzip
+
+    deployment.pool("pool", workers=1, tmp=tmp_path)
+    rows = 64 * 1024
+    pad = "p" * 1000
+    data = tmp_path / "data.jsonl.gz"
+    with gzip.open(data, "wb", compresslevel=1) as f:  # 64 MB plain, 0.4 MB compressed
+        for start in range(0, rows, 1024):
+            f.write(
+                "".join(
+                    f'{{"i": {i}, "pad": "{pad}"}}\n' for i in range(start, start + 1024)
+                ).encode()
+            )
+    info = read_server_info(deployment.home)
+    assert info is not None
+    server = psutil.Process(info.pid)
+    baseline = server.memory_info().rss
+    out = tmp_path / "out.jsonl"
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        echo, pool_name="pool", batch_size=10**9, stream=False, output=skybatch.JsonWriter(str(out))
+    )
+    peak = baseline
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not job.status().finished:
+        peak = max(peak, server.memory_info().rss)
+        time.sleep(0.02)
+    print(f"server RSS {baseline / MB:.0f} MB before, peak {peak / MB:.0f} MB")
+    # Before, the spill held the whole decompressed batch and copied it: +149 MB here, and
+    # as much as the input held (300 MB plain: 799 MB) whatever the line limit.
+    assert peak - baseline < 48 * MB, f"server RSS grew by {(peak - baseline) / MB:.0f} MB"
+    job_info = job.info()
+    assert (job_info.status, job_info.total_batches) == ("SUCCEEDED", 1)
+    with open(out, "rb") as f:
+        assert sum(1 for _ in f) == rows
+    assert not (tmp_path / ".skybatch").exists()

@@ -265,3 +265,29 @@ def test_reduce_onto_a_full_disk(deployment: Deployment, tmp_path: Path, small_d
     assert job.wait(timeout=90).info().status == "SUCCEEDED"
     assert read_jsonl(out) == expected(rows)
     assert sorted(os.listdir(small_disk)) == ["out.jsonl"]
+
+
+def test_a_link_planted_at_the_reduce_temp_name_is_not_written_through(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    deployment.pool("pool", workers=1, tmp=tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # a directory everyone writes (not sticky)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    precious.chmod(0o600)
+    # Another user knows the deployment id (from an earlier job's staging area) and
+    # plants the reduce's temporary name as a link to our file.
+    dep = deployment.home.read_deployment_id()
+    os.symlink(precious, shared / f".out.jsonl.skybatch-{dep}-1.tmp")
+    rows = rows_of(6)
+    job = ds(write_jsonl(tmp_path / "in.jsonl", rows)).map(
+        upper, pool_name="pool", batch_size=2, stream=False,
+        output=skybatch.JsonWriter(str(shared / "out.jsonl")),
+    )  # fmt: skip
+    assert job.wait(timeout=60).info().status == "SUCCEEDED"
+    assert precious.read_text() == "keep me"
+    assert not (shared / "out.jsonl").is_symlink()
+    assert read_jsonl(shared / "out.jsonl") == expected(rows)
+    assert sorted(os.listdir(shared)) == ["out.jsonl"]

@@ -101,6 +101,79 @@ def test_csv_record_longer_than_the_limit_names_line_and_byte(
     assert [p.row_count for p in reader.plan(2)] == [2]
 
 
+def csv_reference_plan(data: bytes, batch_size: int) -> list[tuple[int, int, int, int, int]]:
+    """The whole file cut by ``_records`` at once: the planner's semantics, as the oracle."""
+    from skybatch.io.csvio import _records
+
+    out: list[tuple[int, int, int, int, int]] = []
+    batch: list[int] | None = None
+    line, row, header_seen, end = 0, 0, False, 0
+    for start, end, lines in _records(data):
+        first, line = line + 1, line + lines
+        if not data[start:end].strip():
+            continue
+        if not header_seen:
+            header_seen = True
+            continue
+        if batch is None:
+            batch = [start, first, 0]
+        batch[2] += 1
+        if batch[2] == batch_size:
+            out.append((batch[0], end, row, batch_size, batch[1]))
+            row, batch = row + batch_size, None
+    if batch is not None:
+        out.append((batch[0], end, row, batch[2], batch[1]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_csv_planning_matches_cutting_the_whole_file_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    rng = random.Random(seed)
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", rng.choice([1, 2, 3, 5, 8, 64]))
+    # Quotes, doubled quotes, quotes left open, blank and whitespace lines, CRLF.
+    pieces = [b"a", b",", b'"', b'""', b"\n", b"\r\n", b" ", b"\t", b"\n\n"]
+    data = b"h1,h2\n" + b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 80)))
+    path = tmp_path / "d.csv"
+    path.write_bytes(data)
+    size = rng.randint(1, 4)
+    got = [
+        (p.start, p.end, p.row_start, p.row_count, p.line) for p in CsvReader(str(path)).plan(size)
+    ]
+    assert got == csv_reference_plan(data, size)
+
+
+def test_a_quote_left_open_is_scanned_once_holding_no_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", 256 * 1024)
+    monkeypatch.setattr(defaults, "MAX_LINE_BYTES", 8 * 1024 * 1024)
+    path = tmp_path / "d.csv"
+    head = b"a,b\n0,fine\n"
+    with open(path, "wb") as f:
+        f.write(head + b'1,"x\n' + b"a\n" * (6 * 1024 * 1024))  # 12 MB in one record
+    reader = CsvReader(str(path))
+    reader.validate()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as e:
+            list(reader.plan(10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value) == (
+        f"{path} line 3 (byte {len(head)}) starts a record longer than the limit of "
+        f'{8 * 1024 * 1024} bytes; check for a quote (") left open, or raise the limit: set '
+        "SKYBATCH_MAX_LINE_BYTES in the server's environment and restart the server"
+    )
+    # Before, the open record was carried and joined to each block, then cut again line by
+    # line from its start (quadratic: 32 MB took 26 s), holding copies of it (peak 17 MB here).
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes"
+
+
 def test_parquet_batches_follow_row_groups_and_columns(tmp_path: Path) -> None:
     table = pa.table({"i": list(range(25)), "s": [f"r{i}" for i in range(25)], "b": [b"x"] * 25})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)

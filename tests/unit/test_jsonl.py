@@ -284,6 +284,46 @@ def test_a_compressed_input_holds_neither_blank_lines_nor_an_endless_line(
     assert str(e.value) == _too_long(path, 2, 9, 1024 * 1024)
 
 
+def test_a_compressed_batch_of_any_size_is_spilled_as_it_comes_never_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+    import tracemalloc
+
+    monkeypatch.setattr(defaults, "INDEX_CHUNK", 256 * 1024)
+    monkeypatch.setattr(defaults, "SPILL_CHUNK", 1024 * 1024)
+    pad = "p" * 1000
+    text = "".join(f'{{"i": {i}, "pad": "{pad}"}}\n' for i in range(32 * 1024)).encode()
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(text, 1))  # 34 MB plain, 0.2 MB compressed
+    reader = JsonReader(str(path))
+    reader.validate()
+    reader.scratch = str(tmp_path / "scratch")
+    tracemalloc.start()
+    try:
+        plans = list(reader.plan(20 * 1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Each batch is one chunk of its own size (past SPILL_CHUNK), written as it was read.
+    cut = text.index(b'{"i": 20480,')
+    assert [(p.file, p.start, p.end, p.row_start, p.row_count) for p in plans] == [
+        (-1, 0, cut, 0, 20 * 1024), (-2, 0, len(text) - cut, 20 * 1024, 12 * 1024)
+    ]  # fmt: skip
+    assert sorted(c.name for c in (tmp_path / "scratch").iterdir()) == [
+        "00000000.jsonl", "00000001.jsonl"
+    ]  # fmt: skip
+    assert reader.read(plans[0]) + reader.read(plans[1]) == text
+    # Before, the spill held a batch whole until it ended, then copied it (peak 64 MB here).
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes"
+    # A batch that never ends (the line after it is not JSON) leaves no chunk behind.
+    reader.cleanup()
+    path.write_bytes(gzip.compress(text + b"oops\n", 1))
+    with pytest.raises(InputError, match=r"d.jsonl.gz line 32769: not valid JSON"):
+        list(reader.plan(10**9))
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
 def test_planning_stops_between_blocks_once_told(tmp_path: Path) -> None:
     import threading
 

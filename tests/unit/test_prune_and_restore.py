@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -85,17 +86,31 @@ def test_a_deleted_state_db_is_written_back_from_the_open_store(tmp_path: Path) 
     again.close()
 
 
-def test_a_state_db_that_cannot_be_restored_stops_the_store(tmp_path: Path) -> None:
+def test_a_deleted_home_is_restored_and_tells_the_server_to_stop(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     store = SqliteStore(home / "state.db")
     store.put_pool("p", {}, now=0)
-    for name in ("state.db", "state.db-wal", "state.db-shm"):
-        (home / name).unlink(missing_ok=True)
-    home.rmdir()
+    shutil.rmtree(home)
     store.check_file()
-    assert store.problem is not None
-    assert store.problem.startswith(f"{home / 'state.db'} was deleted while the server ran")
+    assert store.home_lost and store.problem is None
+    assert (home.stat().st_mode & 0o777) == 0o700
+    store.close()
+    again = SqliteStore(home / "state.db")
+    assert [p.name for p in again.list_pools()] == ["p"]
+    again.close()
+
+
+def test_a_home_that_cannot_be_restored_stops_the_store(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    store = SqliteStore(home / "state.db")
+    store.put_pool("p", {}, now=0)
+    shutil.rmtree(home)
+    home.write_text("not a directory")
+    store.check_file()
+    assert store.home_lost and store.problem is not None
+    assert store.problem.startswith(f"SKYBATCH_HOME {home} was deleted while the server ran")
     assert "\n" not in store.problem
     with pytest.raises(ServerError, match="could not be restored"):
         store.list_pools()

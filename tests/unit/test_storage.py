@@ -94,3 +94,110 @@ def test_deployment_id_is_made_once_private_and_shared(tmp_path: Path) -> None:
     assert ids == {home.read_deployment_id()}
     assert stat.S_IMODE(home.deployment_file.stat().st_mode) == 0o600
     assert sorted(os.listdir(tmp_path)) == ["deployment"]
+
+
+def test_a_link_planted_at_the_temp_name_is_replaced_not_written_through(
+    tmp_path: Path,
+) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    precious.chmod(0o600)
+    url = str(tmp_path / "out.jsonl")
+    staged = storage.StagedFile(url, None, "d-1")
+    os.symlink(precious, staged.tmp)  # another user's, in a shared directory
+    with staged.open() as out:
+        out.write(b"{}\n")
+    staged.publish()
+    assert precious.read_text() == "keep me"
+    assert not os.path.islink(url)
+    assert Path(url).read_bytes() == b"{}\n"
+
+
+def test_a_temp_name_taken_again_while_replaced_fails_the_reduce(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    url = str(tmp_path / "out.jsonl")
+    staged = storage.StagedFile(url, None, "d-1")
+    os.symlink(precious, staged.tmp)
+    real_unlink = os.unlink
+
+    def unlink_and_race(path: str) -> None:
+        real_unlink(path)
+        os.symlink(precious, path)  # the other user is quicker than our open
+
+    monkeypatch.setattr(os, "unlink", unlink_and_race)
+    with pytest.raises(OutputError) as e, staged.open() as out:
+        out.write(b"{}\n")
+    assert str(e.value) == (
+        f"cannot write {url}: {staged.tmp} was created again by another process while "
+        f"skybatch replaced it; check who else writes in {tmp_path}"
+    )
+    assert precious.read_text() == "keep me"
+
+
+def test_a_part_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    writer = JsonWriter(str(tmp_path / "out.jsonl"))
+    writer._staging = "d"
+    os.makedirs(writer.staging_dir(3))
+    part = writer.part_path(3, 0, 1)
+    os.symlink(precious, part)
+    writer.write_part(3, 0, 1, b"{}\n")
+    assert precious.read_text() == "keep me"
+    assert not os.path.islink(part) and Path(part).read_bytes() == b"{}\n"
+    writer.write_part(3, 0, 1, b"[]\n")  # the same attempt again (after a full disk)
+    assert Path(part).read_bytes() == b"[]\n"
+
+
+def test_a_new_staging_root_is_ours_alone_beside_a_sticky_shared_area(tmp_path: Path) -> None:
+    writer = JsonWriter(str(tmp_path / "out.jsonl"))
+    writer._staging = "d"
+    writer.prepare(1, overwrite=False)
+    area, root = tmp_path / ".skybatch", tmp_path / ".skybatch" / "d-1"
+    assert stat.S_IMODE(area.stat().st_mode) == 0o1777
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    root.chmod(0o755)  # made by an older skybatch: ours, closed to writes; tightened
+    writer.prepare(1, overwrite=True)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_a_staging_root_planted_by_someone_else_is_refused(tmp_path: Path) -> None:
+    writer = JsonWriter(str(tmp_path / "out.jsonl"))
+    writer._staging = "d"
+    area, root = tmp_path / ".skybatch", tmp_path / ".skybatch" / "d-1"
+    root.mkdir(parents=True)
+    area.chmod(0o1777)
+    os.chown(root, 4321, 4321)
+    with pytest.raises(OutputError) as e:
+        writer.prepare(1, overwrite=False)
+    assert str(e.value) == (
+        f"staging area {root} was made by uid 4321, not you (uid 0), so its parts may be "
+        "someone else's; remove it and submit the job again"
+    )
+    os.chown(root, 0, 0)
+    root.chmod(0o777)
+    with pytest.raises(OutputError) as e:
+        writer.prepare(1, overwrite=False)
+    assert str(e.value) == (
+        f"staging area {root} is writable by others (mode 0777), so its parts may have been "
+        "changed; remove it and submit the job again"
+    )
+    root.rmdir()
+    os.symlink(tmp_path, root)
+    with pytest.raises(OutputError, match="is not a directory"):
+        writer.prepare(1, overwrite=False)
+    root.unlink()
+    area.chmod(0o777)
+    os.chown(area, 4321, 4321)
+    with pytest.raises(OutputError) as e:
+        writer.prepare(1, overwrite=False)
+    assert str(e.value) == (
+        f"staging directory {area} belongs to uid 4321, not you (uid 0), and is not sticky "
+        "(mode 0777), so others could swap this job's staging area; remove it, or choose "
+        "another output directory"
+    )
+    assert os.listdir(area) == []

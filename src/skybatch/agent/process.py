@@ -171,17 +171,33 @@ def _command(activate_env: str | None) -> list[str]:
     return ["bash", "-c", script]
 
 
-#: How to hide a file from runners here, found once per agent: "" where nothing works.
+#: How to hide the home from runners here, found once per agent: "" where nothing works.
 _hiding: str | None = None
+
+#: Run with the home as $0 and the worker directory (relative to it, or "") as $1, in
+#: the worker directory: an empty tmpfs goes over the whole home (its token, server.json,
+#: state.db: a mapper that can rewrite server.json can send the user's next client call,
+#: token and all, to a listener of its own), then the worker directory is bound back at
+#: its path, reached through the cwd ("." still names it; not canonicalized, as its path
+#: names the tmpfs by then), and entered through the bind, so that ".." leads into the
+#: empty tmpfs and not back into the home. The namespace ends with the runner.
+_MASK = (
+    'mount -t tmpfs -o mode=0700,size=1m skybatch-home "$0" && '
+    'if [ -n "$1" ]; then mkdir -p "$0/$1" && '
+    'mount --no-canonicalize --bind . "$0/$1" && cd "$0/$1"; fi && '
+    "shift && exec "
+)
 
 
 def _hiding_commands() -> dict[str, list[str]]:
-    bind = 'mount --bind /dev/null "$0" && exec '
     return {
         # root: a private mount namespace is enough.
-        "root": ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", bind + '"$@"'],
+        "root": [
+            "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _MASK + '"$@"'
+        ],
         # Others: mount needs root in a user namespace of its own; the runner then goes
-        # into a nested one that maps our uid back, so the mapper runs as itself.
+        # into a nested one that maps our uid back, so the mapper runs as itself (and,
+        # holding no capability over the mount namespace, cannot unmount the mask).
         "user": [
             "unshare",
             "--map-root-user",
@@ -189,21 +205,29 @@ def _hiding_commands() -> dict[str, list[str]]:
             "--",
             "sh",
             "-c",
-            bind + f'unshare --user --map-user={os.getuid()} --map-group={os.getgid()} -- "$@"',
+            _MASK + f'unshare --user --map-user={os.getuid()} --map-group={os.getgid()} -- "$@"',
         ],
-    }
+    }  # fmt: skip
 
 
-def _hiding_prefix(secret: Path) -> list[str] | None:
-    """A command prefix that runs the rest in a private mount namespace with /dev/null
-    mounted over ``secret``; None where the kernel or the tools do not allow it."""
+def _hiding_prefix(home: Path, worker_dir: Path) -> list[str] | None:
+    """A command prefix that runs the rest, in ``worker_dir``, in a private mount
+    namespace where ``home`` is empty but for ``worker_dir``; None where the kernel or
+    the tools do not allow it."""
     global _hiding
     commands = _hiding_commands()
+    try:
+        inside = str(worker_dir.resolve().relative_to(home.resolve()))
+    except ValueError:
+        inside = ""  # a worker directory elsewhere stays where it is
+    if inside == ".":
+        inside = ""
     if _hiding is None:
         kind = "root" if os.geteuid() == 0 else "user"
         try:
             probe = subprocess.run(
-                [*commands[kind], str(secret), "true"],
+                [*commands[kind], str(home), inside, "true"],
+                cwd=worker_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -215,7 +239,7 @@ def _hiding_prefix(secret: Path) -> list[str] | None:
             _hiding = ""
     if not _hiding:
         return None
-    return [*commands[_hiding], str(secret)]
+    return [*commands[_hiding], str(home), inside]
 
 
 class RunnerProcess:
@@ -244,13 +268,13 @@ class RunnerProcess:
             PYTHONUNBUFFERED="1",
         )
         command = _command(activate_env)
-        token_file = Path(home, "token") if home else None
-        if token_file is not None and token_file.exists():
-            prefix = _hiding_prefix(token_file)
+        if home and os.path.isdir(home):
+            prefix = _hiding_prefix(Path(home), worker_dir)
             if prefix is None:
                 output.add(
-                    f"skybatch: warning: cannot hide {token_file} from the mapper (no mount "
-                    "namespace here), so it can read the server's token\n".encode()
+                    f"skybatch: warning: cannot hide {home} from the mapper (no mount "
+                    "namespace here), so it can read the server's token and rewrite "
+                    "server.json\n".encode()
                 )
             command = (prefix or []) + command
         out_r, out_w = os.pipe()

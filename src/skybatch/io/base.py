@@ -419,6 +419,7 @@ class OutputWriter:
                     "to replace it, or choose another path"
                 )
         storage.check_writable(self.path, self.storage_options)
+        storage.make_staging_root(self.staging_root(job_id), self.storage_options)
         storage.makedirs(self.staging_dir(job_id), self.storage_options)
 
     def prepare_directory(self, job_id: int, overwrite: bool) -> None:
@@ -435,6 +436,7 @@ class OutputWriter:
                 "ds.map() to replace them, or choose another path"
             )
         storage.check_writable(storage.join(self.path, "x"), self.storage_options)
+        storage.make_staging_root(self.staging_root(job_id), self.storage_options)
         storage.makedirs(self.staging_dir(job_id), self.storage_options)
 
     def directory_has_files(self) -> bool:

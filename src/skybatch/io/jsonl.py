@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from typing import IO
 
 import fsspec
 import fsspec.core
@@ -31,7 +33,9 @@ class JsonReader(FileReader):
     Compressed files (``.gz``, ``.bz2``, ``.zst``, ...) cannot be range-read:
     the server decompresses them once while indexing and stores the plain
     lines in chunks of about :data:`~skybatch.defaults.SPILL_CHUNK` bytes in
-    a scratch area beside the first output, which workers then range-read.
+    a scratch area beside the first output, which workers then range-read. A
+    batch larger than that is a chunk of its own, written as it is decompressed:
+    the server's memory does not grow with ``batch_size``.
 
     A line longer than :data:`~skybatch.defaults.MAX_LINE_BYTES` (256 MB; set
     ``SKYBATCH_MAX_LINE_BYTES`` in the server's environment to change it) fails
@@ -48,6 +52,13 @@ class JsonReader(FileReader):
     def plan(self, batch_size: int) -> Iterator[BatchPlan]:
         planner = _Planner(batch_size)
         spiller = _Spill(self) if self.uses_scratch() else None
+        try:
+            yield from self._plan(planner, spiller)
+        finally:
+            if spiller is not None:
+                spiller.discard()  # a chunk left open by an error, a stop or a closed generator
+
+    def _plan(self, planner: _Planner, spiller: _Spill | None) -> Iterator[BatchPlan]:
         limit = defaults.MAX_LINE_BYTES
         # No line inside one block can pass the limit, so only lines spanning blocks are
         # measured: the bound costs nothing per row.
@@ -73,6 +84,8 @@ class JsonReader(FileReader):
                     if nl < 0:
                         head.append(chunk)
                         held += len(chunk)
+                        if spill is not None:
+                            yield from spill.place([], planner)
                         continue
                     if head:
                         head.append(chunk)
@@ -81,15 +94,12 @@ class JsonReader(FileReader):
                     carry = lines.pop()
                     head, held = ([carry], len(carry)) if carry else ([], 0)
                     plans = planner.feed(lines, last_terminated=True)
-                    if spill is not None:
-                        yield from spill.place(plans, keep_from=planner.needed_from())
-                    else:
-                        yield from plans
+                    yield from spill.place(plans, planner) if spill is not None else plans
                 if head:
                     plans = planner.feed([b"".join(head)], last_terminated=False)
-                    yield from spill.place(plans) if spill is not None else plans
+                    yield from spill.place(plans, planner) if spill is not None else plans
             plans = planner.finish()
-            yield from spill.place(plans, last=True) if spill is not None else plans
+            yield from spill.place(plans, planner, last=True) if spill is not None else plans
 
     def _url(self, file: int) -> str:
         if file >= 0:
@@ -159,18 +169,28 @@ class _Spill:
 
     The planner's offsets are offsets in the decompressed stream; a chunk holds
     the bytes of consecutive batches, and its batches are re-addressed to it
-    (``file = -(chunk + 1)``, offsets relative to the chunk). A batch is handed
-    out only once its chunk is stored, so no worker reads a missing chunk.
+    (``file = -(chunk + 1)``, offsets relative to the chunk). A chunk is
+    written as the stream comes, out of sight (:class:`storage.StagedFile`),
+    and closed at the first batch end past :data:`~skybatch.defaults.SPILL_CHUNK`;
+    its batches are handed out only once it is published, so no worker reads
+    a missing chunk. A batch of any size thus makes one chunk of that size on
+    storage, never in memory: only the bytes not yet known to belong to a
+    batch are held (a block, the line in progress, blank lines up to a chunk).
     """
 
     def __init__(self, reader: JsonReader) -> None:
         if reader.scratch is None:
             raise InputError(f"{reader.path} is compressed, but no scratch area was set")
         self.reader = reader
+        self.scratch = reader.scratch
         storage.makedirs(reader.scratch, reader.storage_options)
-        self.buf = bytearray()
-        self.base = 0  # stream offset of buf[0]
-        self.pending: list[BatchPlan] = []
+        self.buf = bytearray()  # the stream from ``pos`` on, not yet written nor dropped
+        self.pos = 0
+        self.first = -1  # stream offset of the open chunk's first byte; -1: none open
+        self.staged: storage.StagedFile | None = None
+        self.opened: contextlib.AbstractContextManager[IO[bytes]] | None = None
+        self.out: IO[bytes] | None = None
+        self.pending: list[BatchPlan] = []  # the open chunk's batches
         self.chunk = 0
 
     @staticmethod
@@ -181,41 +201,86 @@ class _Spill:
         self.buf += data
 
     def place(
-        self, plans: Iterable[BatchPlan], last: bool = False, keep_from: int | None = None
+        self, plans: Iterable[BatchPlan], planner: _Planner, last: bool = False
     ) -> Iterator[BatchPlan]:
-        """Hand out ``plans`` as their chunks are stored; the stream before ``keep_from``
-        belongs to no batch still to come (blank lines), so it need not be kept."""
+        """Hand out ``plans`` as their chunks are stored, and write or drop what the
+        planner has read past them (``last``: the file ends; the next one starts at 0)."""
         for plan in plans:
+            if self.out is None:
+                self._open(plan.start)
             self.pending.append(plan)
-            if plan.end - self.base >= defaults.SPILL_CHUNK:
-                yield from self._flush(plan.end)
+            if plan.end - self.first >= defaults.SPILL_CHUNK:
+                yield from self._close(plan.end)
         if last:
             if self.pending:
-                yield from self._flush(self.pending[-1].end)
-            # The next file's offsets start at 0 again.
+                yield from self._close(self.pending[-1].end)
             self.buf.clear()
-            self.base = 0
-        elif keep_from is not None:
-            # Without this, blank lines after a pending batch would pile up until the next
-            # batch ends: store the chunk early instead.
-            if self.pending and keep_from - self.base >= defaults.SPILL_CHUNK:
-                yield from self._flush(self.pending[-1].end)
-            if not self.pending and keep_from > self.base:
-                del self.buf[: keep_from - self.base]
-                self.base = keep_from
+            self.pos = 0
+            return
+        if planner.open is not None:
+            # A batch in progress: its bytes go out as they come, however many rows it has.
+            if self.out is None:
+                self._open(planner.open[0])
+            self._write(self.pos + len(self.buf))
+        elif self.pending:
+            if planner.pos - self.first >= defaults.SPILL_CHUNK:
+                # Blank lines after the chunk's batches would pile up until the next batch
+                # ends: store the chunk now instead.
+                yield from self._close(self.pending[-1].end)
+            else:
+                self._write(self.pending[-1].end)
+        if self.out is None and planner.pos > self.pos:
+            # Read, and in no batch still to come: blank lines.
+            del self.buf[: planner.pos - self.pos]
+            self.pos = planner.pos
 
-    def _flush(self, end: int) -> Iterator[BatchPlan]:
-        first = self.pending[0].start
-        data = bytes(self.buf[first - self.base : end - self.base])
-        url = self.chunk_url(self.reader.scratch or "", self.chunk)
-        storage.write_atomic(url, data, self.reader.storage_options)
-        file = -(self.chunk + 1)
-        for p in self.pending:
-            yield replace(p, file=file, start=p.start - first, end=p.end - first)
-        del self.buf[: end - self.base]
-        self.base = end
-        self.pending = []
+    def _open(self, start: int) -> None:
+        del self.buf[: start - self.pos]
+        self.pos = self.first = start
+        self.staged = storage.StagedFile(
+            self.chunk_url(self.scratch, self.chunk), self.reader.storage_options
+        )
+        self.opened = self.staged.open()
+        self.out = self.opened.__enter__()
+
+    def _write(self, end: int) -> None:
+        """Write the stream up to ``end`` into the open chunk."""
+        size = end - self.pos
+        if size <= 0 or self.out is None:
+            return
+        with memoryview(self.buf) as view:
+            self.out.write(view[:size])
+        del self.buf[:size]
+        self.pos = end
+
+    def _close(self, end: int) -> Iterator[BatchPlan]:
+        self._write(end)
+        assert self.staged is not None and self.opened is not None
+        opened, self.opened, self.out = self.opened, None, None
+        opened.__exit__(None, None, None)
+        self.staged.publish()
+        self.staged = None
+        file, first = -(self.chunk + 1), self.first
+        pending, self.pending = self.pending, []
         self.chunk += 1
+        self.first = -1
+        for p in pending:
+            yield replace(p, file=file, start=p.start - first, end=p.end - first)
+
+    def discard(self) -> None:
+        """Drop a chunk still open (planning failed or stopped): no temporary file, no
+        multipart upload left behind."""
+        opened, staged = self.opened, self.staged
+        self.opened = self.out = self.staged = None
+        if opened is not None:
+            with contextlib.suppress(Exception):
+                opened.__exit__(_Abandoned, _Abandoned(), None)
+        if staged is not None:
+            staged.discard()
+
+
+class _Abandoned(Exception):
+    """Thrown into an open chunk's writer so that it closes without completing."""
 
 
 class _Planner:
@@ -287,10 +352,6 @@ class _Planner:
                 start, first, count = self.open
                 self.open = None
                 yield self._emit(start, self.pos, count, first)
-
-    def needed_from(self) -> int:
-        """The offset of the first byte a batch not yet emitted may hold."""
-        return self.pos if self.open is None else self.open[0]
 
     def finish(self) -> list[BatchPlan]:
         if self.open is None:

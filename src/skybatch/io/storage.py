@@ -11,6 +11,7 @@ import errno
 import os
 import posixpath
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any, Protocol, cast
@@ -47,6 +48,7 @@ PART_SIZE = 8 * 1024 * 1024
 PARTS_PER_SIZE = 1000
 #: Bytes fetched per request by a sequential pass over an object (index, reduce).
 READ_BLOCK = 4 * 1024 * 1024
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
 def is_local(url: str) -> bool:
@@ -70,10 +72,14 @@ def resolve(url: str) -> str:
     """Make a local path absolute against the *caller's* working directory.
 
     Readers and writers are built in the user's process and executed by the
-    server and the agents, whose working directories differ.
+    server and the agents, whose working directories differ. ``file://`` and
+    fsspec's ``local://`` become plain paths (``file://localhost/x`` is ``/x``),
+    so that every check that a location is local sees them so.
     """
-    if url.startswith("file://"):
-        url = url[len("file://") :]
+    if url.startswith("file://localhost/"):
+        url = url[len("file://localhost") :]
+    elif url.startswith(("file://", "local://")):
+        url = url.split("://", 1)[1]
     if "://" in url:
         return url
     return os.path.abspath(os.path.expanduser(url))
@@ -190,7 +196,7 @@ def write_bytes(
     """
     if is_local(url):
         with translate_errors(url, "write", OutputError):
-            with open(url, "wb") as f:
+            with os.fdopen(create_local(url, url), "wb") as f:
                 f.write(data)
                 if sync:
                     f.flush()
@@ -201,6 +207,35 @@ def write_bytes(
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, "write", OutputError):
         fs.pipe_file(path, data)
+
+
+def create_local(path: str, url: str) -> int:
+    """A new local file at ``path`` (written for output ``url``), open for writing.
+
+    Never written through a symbolic link, nor into a file someone else made: in a
+    shared directory another user may plant either at a name we will use. What is
+    there (our own leftover, or a planted link) is unlinked, which removes a link
+    and not its target, and the file is made afresh; a name taken again meanwhile
+    fails instead of being followed. The first try is the only syscall when the
+    name is free (every part).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.suppress(FileExistsError):
+        return os.open(path, flags, 0o666)  # the umask applies, as to open(path, "wb")
+    try:
+        os.unlink(path)
+    except PermissionError:
+        raise OutputError(
+            f"cannot write {url}: {path} is in the way and belongs to someone else; remove "
+            "it, or choose another output directory"
+        ) from None
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        raise OutputError(
+            f"cannot write {url}: {path} was created again by another process while skybatch "
+            f"replaced it; check who else writes in {os.path.dirname(path)}"
+        ) from None
 
 
 def fsync_dir(path: str) -> None:
@@ -224,6 +259,69 @@ def makedirs(url: str, storage_options: dict[str, Any] | None) -> None:
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, "create", OutputError):
         fs.makedirs(path, exist_ok=True)
+
+
+def make_staging_root(url: str, storage_options: dict[str, Any] | None) -> None:
+    """Create a job's staging root ``<output dir>/.skybatch/<deployment>-<job>``.
+
+    Locally the output directory may be shared with other users, who must not get
+    to change a job's parts: the root is ours alone (0700), and one that is there
+    already is used only if we made it and nobody else can write it (a resume, or
+    a job's second output). ``.skybatch`` is made sticky and open to all (1777,
+    like /tmp): other deployments stage beside ours but cannot rename ours away.
+    Object stores have no directories to plant; nothing is created there.
+    """
+    if not is_local(url):
+        makedirs(url, storage_options)
+        return
+    path = resolve(url)
+    area = os.path.dirname(path)
+    me = os.geteuid()
+    with translate_errors(url, "create", OutputError):
+        os.makedirs(os.path.dirname(area), exist_ok=True)
+        try:
+            os.mkdir(area, 0o700)
+            os.chmod(area, 0o1777)  # explicitly: the umask would take others' write off
+        except FileExistsError:
+            st = os.lstat(area)
+            mode = stat.S_IMODE(st.st_mode)
+            if not stat.S_ISDIR(st.st_mode):
+                raise OutputError(
+                    f"{area} is not a directory (a symbolic link or a file); remove it, or "
+                    "choose another output directory"
+                ) from None
+            if not mode & stat.S_ISVTX:
+                if st.st_uid != me:
+                    raise OutputError(
+                        f"staging directory {area} belongs to uid {st.st_uid}, not you "
+                        f"(uid {me}), and is not sticky (mode {mode:04o}), so others could "
+                        "swap this job's staging area; remove it, or choose another output "
+                        "directory"
+                    ) from None
+                if mode & _WRITABLE_BY_OTHERS:
+                    os.chmod(area, mode | stat.S_ISVTX)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            st = os.lstat(path)
+            mode = stat.S_IMODE(st.st_mode)
+            if not stat.S_ISDIR(st.st_mode):
+                raise OutputError(
+                    f"staging area {path} is not a directory (a symbolic link or a file); "
+                    "remove it and submit the job again"
+                ) from None
+            if st.st_uid != me:
+                raise OutputError(
+                    f"staging area {path} was made by uid {st.st_uid}, not you (uid {me}), "
+                    "so its parts may be someone else's; remove it and submit the job again"
+                ) from None
+            if mode & _WRITABLE_BY_OTHERS:
+                raise OutputError(
+                    f"staging area {path} is writable by others (mode {mode:04o}), so its "
+                    "parts may have been changed; remove it and submit the job again"
+                ) from None
+            if mode & 0o077:
+                os.chmod(path, 0o700)
 
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None) -> None:
@@ -290,7 +388,7 @@ def write_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None) 
         tmp = f"{url}.{uuid.uuid4().hex}.tmp"
         with translate_errors(url, "write", OutputError):
             try:
-                with open(tmp, "wb") as f:
+                with os.fdopen(create_local(tmp, url), "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
@@ -363,7 +461,7 @@ class StagedMoves:
 
 
 def _copy_synced(src: str, dst: str) -> None:
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, os.fdopen(create_local(dst, dst), "wb") as fout:
         shutil.copyfileobj(fin, fout, 1024 * 1024)
         fout.flush()
         os.fsync(fout.fileno())
@@ -450,7 +548,7 @@ class StagedFile:
         self.fs, self.path = filesystem(url, storage_options)
         self.multipart = is_object_store(url)
         # ``name`` (the job's ``<deployment>-<job>``) makes the temporary name
-        # deterministic: a reduce restarted after a crash overwrites its
+        # deterministic: a reduce restarted after a crash replaces its
         # predecessor's file instead of leaving it beside the output for good.
         tag = name or uuid.uuid4().hex
         self.tmp = join(dirname(url), f".{basename(url)}.skybatch-{tag}.tmp")
@@ -461,7 +559,9 @@ class StagedFile:
     def open(self) -> Iterator[IO[bytes]]:
         with translate_errors(self.url, "write", OutputError):
             if isinstance(self.fs, LocalFileSystem):
-                with open(self.tmp, "wb") as f:
+                # The temporary name is predictable (see __init__): a stale file or a
+                # link planted there is replaced, never written through.
+                with os.fdopen(create_local(self.tmp, self.url), "wb") as f:
                     yield cast(IO[bytes], _Output(f, self.url))
                     f.flush()
                     os.fsync(f.fileno())  # on disk before the rename publishes it

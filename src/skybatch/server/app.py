@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from skybatch import defaults
 from skybatch.errors import ConfigError, SkyBatchError
 from skybatch.server.agent_api import agent_routes
 from skybatch.server.context import Context
+from skybatch.server.daemon import reopen_log, restore_home
 from skybatch.server.guard import Guard
 from skybatch.server.jobs import JobService
 from skybatch.server.models import (
@@ -67,10 +69,40 @@ def create_app(ctx: Context) -> FastAPI:
     jobs = JobService(ctx)
     pools = PoolService(ctx, jobs)
 
+    deployment: str | None = None
+
+    def leave_lost_home() -> None:
+        """SKYBATCH_HOME was deleted under this server (the store wrote state.db back):
+        put back the token, deployment id, server.json and log, then stop as on
+        `skybatch server stop`. The workers' directories and the server's lock went
+        with the home; the next client command starts a server from the restored state."""
+        root = ctx.home.root
+        try:
+            if ctx.store.problem is None:
+                restore_home(ctx.home, ctx.token, ctx.url, deployment)
+            else:
+                reopen_log(ctx.home)
+        except (OSError, SkyBatchError) as e:
+            log.error("SKYBATCH_HOME %s was deleted while the server ran: %s", root, e)
+        if ctx.store.problem is not None:
+            log.error("%s; stopping this server and its pools' agents", ctx.store.problem)
+        else:
+            log.warning(
+                "SKYBATCH_HOME %s was deleted while the server ran; restored its state.db, "
+                "token and server.json; stopping this server and its pools' agents (their "
+                "directories went with it): the next skybatch command starts a server "
+                "from the restored state",
+                root,
+            )
+        os.kill(os.getpid(), signal.SIGTERM)  # the way `skybatch server stop` stops it
+
     async def monitor() -> None:
         while True:
             try:
                 ctx.store.check_file()
+                if ctx.store.home_lost:
+                    leave_lost_home()
+                    return
                 await pools.monitor_once()
             except Exception:  # the monitor must outlive any one bad tick
                 log.exception("monitor tick failed")
@@ -78,7 +110,10 @@ def create_app(ctx: Context) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal deployment
         ctx.notifier.bind(asyncio.get_running_loop())
+        with contextlib.suppress(OSError, SkyBatchError):
+            deployment = ctx.home.deployment_id()  # to put back if the home is deleted
         await pools.start_all()
         jobs.resume_unfinished()
         task = asyncio.create_task(monitor())

@@ -95,7 +95,7 @@ def ensure_server(home: Home | None = None) -> ServerInfo:
     info = running_server(home)
     if info:
         return info
-    with open(home.start_lock, "w") as lock:
+    with os.fdopen(_open_private(home.start_lock), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another client may be starting it right now
         info = running_server(home)
         if info:
@@ -148,6 +148,46 @@ def stop_server(home: Home | None = None, timeout: float = 30.0) -> bool:
     return True
 
 
+def _open_private(path: Path, flags: int = 0) -> int:
+    """``path`` opened for writing, created 0600 (and made 0600 if an older skybatch
+    left it 0644): everything in the home is the user's alone."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def write_server_file(home: Home, url: str) -> None:
+    """Record this server's pid and URL in ``server.json``, for clients to find it."""
+    port = int(url.rsplit(":", 1)[1])
+    tmp = home.server_file.with_suffix(".tmp")
+    with os.fdopen(_open_private(tmp, os.O_TRUNC), "w") as f:
+        json.dump({"pid": os.getpid(), "url": url, "port": port, "started": time.time()}, f)
+    os.replace(tmp, home.server_file)
+
+
+def reopen_log(home: Home) -> None:
+    """Send this process's output (its log) to ``logs/server.log`` again, made anew."""
+    home.ensure()
+    log_fd = os.open(home.server_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+
+
+def restore_home(home: Home, token: str, url: str, deployment: str | None) -> None:
+    """The home was deleted under this server, which restored state.db: put back what
+    the next server needs to go on as this one (the same token and deployment id) and
+    this server's log, which was deleted with the rest."""
+    reopen_log(home)
+    if home.read_token() is None:
+        with os.fdopen(_open_private(home.token_file, os.O_EXCL), "w") as f:
+            f.write(token)
+    if deployment and home.read_deployment_id() is None:
+        with os.fdopen(_open_private(home.deployment_file, os.O_EXCL), "w") as f:
+            f.write(deployment)
+    write_server_file(home, url)
+
+
 def _bind(home: Home) -> socket.socket:
     wanted = []
     if os.environ.get("SKYBATCH_SERVER_PORT"):
@@ -179,6 +219,7 @@ def serve(home: Home) -> int:
 
     from skybatch.server.app import create_app
     from skybatch.server.context import Context
+    from skybatch.server.guard import HttpProtocol
     from skybatch.server.sqlite import SqliteStore
 
     home.ensure()
@@ -186,7 +227,7 @@ def serve(home: Home) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    lock = open(home.server_lock, "w")  # noqa: SIM115 - held for the life of the process
+    lock = os.fdopen(_open_private(home.server_lock), "w")  # held for the life of the process
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -198,12 +239,15 @@ def serve(home: Home) -> int:
     url = f"http://{HOST}:{port}"
     ctx = Context(home=home, store=SqliteStore(home.db), token=token, url=url)
     app = create_app(ctx)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
-    tmp = home.server_file.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({"pid": os.getpid(), "url": url, "port": port, "started": time.time()})
+    # httptools (fast per request), with each request head bounded in size and time.
+    config = uvicorn.Config(
+        app,
+        http=HttpProtocol,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=1,
     )
-    os.replace(tmp, home.server_file)
+    write_server_file(home, url)
     logging.getLogger("skybatch.server").info("serving %s on %s", home.root, url)
 
     class Server(uvicorn.Server):

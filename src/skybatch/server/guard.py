@@ -1,21 +1,34 @@
-"""The HTTP edge: Host check, token check and body caps, before any route runs.
+"""The HTTP edge: head limits, Host check, token check and body caps, before any route.
 
-A pure ASGI middleware, so it sees each request before routing and body
-parsing, for the FastAPI routes and the agent's Starlette routes alike: a
-request with a foreign Host or without the token is answered before one byte
-of its body is read, and no body grows past its route's cap (a declared
-Content-Length is refused up front; a chunked one is counted as it arrives).
+``HttpProtocol`` (uvicorn's httptools protocol) bounds each request head in
+size and time while it is read. ``Guard``, a pure ASGI middleware, sees each
+request before routing and body parsing, for the FastAPI routes and the
+agent's Starlette routes alike: a request with a foreign Host or without the
+token is answered before one byte of its body is read, and no body grows past
+its route's cap (a declared Content-Length is refused up front; a chunked one
+is counted as it arrives).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-__all__ = ["AGENT_LOG_BODY_LIMIT", "BODY_LIMIT", "SUBMIT_BODY_LIMIT", "Guard", "body_limit"]
+__all__ = [
+    "AGENT_LOG_BODY_LIMIT",
+    "BODY_LIMIT",
+    "HEAD_LIMIT",
+    "HEAD_TIMEOUT",
+    "SUBMIT_BODY_LIMIT",
+    "Guard",
+    "HttpProtocol",
+    "body_limit",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,7 +44,94 @@ SUBMIT_BODY_LIMIT = 256 * MiB
 #: An agent ships a runner's new output, or a failed setup's last lines.
 AGENT_LOG_BODY_LIMIT = 16 * MiB
 
+#: The request line and headers together: our clients send well under 1 KiB.
+HEAD_LIMIT = 64 * 1024
+#: A connection's first request head, and any head that spans reads, must be complete
+#: this long after it started (a client trickling a head byte by byte holds a connection).
+HEAD_TIMEOUT = 30.0
+
 _OPEN = "/v1/health"
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with each request head bounded in size and time.
+
+    httptools gathers a header (even a single value) until it ends and uvicorn
+    keeps every header until the head ends, without limit; the Guard sees a
+    request only after that. So anyone who reaches the port could fill the
+    server's memory without a token. Here a head still incomplete after more
+    than ``HEAD_LIMIT`` bytes gets 431 and the connection is closed. Bytes are
+    counted per read, not per header, so nothing is added per header on the
+    hot path; the read a head starts in is not counted (it may end the
+    previous request), so at most ``HEAD_LIMIT`` plus one read (256 KiB) is held.
+    """
+
+    _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def _in_head(self) -> bool:
+        # uvicorn makes a fresh scope when a request starts and sets its method
+        # once the head is complete.
+        scope = self.scope
+        return scope is not None and "method" not in scope
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self._in_head()
+        super().data_received(data)
+        if not self._in_head():
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            return
+        if self.transport.is_closing():
+            return
+        if not in_head:
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > HEAD_LIMIT:
+            self._refuse(
+                431,
+                f"request head too large: the request line and headers take at most "
+                f"{HEAD_LIMIT // 1024} KiB ({HEAD_LIMIT} bytes)",
+            )
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self._refuse(408, f"request head not complete within {HEAD_TIMEOUT:g}s of its start")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a one-line error and close (as uvicorn's 400 does)."""
+        if self.cycle is None or self.cycle.response_complete:
+            # (Behind a pipelined request still being answered, an answer now would
+            # land inside that one's: then the connection is only closed.)
+            body = orjson.dumps({"error": {"type": "ConfigError", "message": message}})
+            content = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                content.extend([name, b": ", value, b"\r\n"])
+            content.extend(
+                [
+                    b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(body)).encode() + b"\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+            self.transport.write(b"".join(content))
+        self.transport.close()
 
 
 def body_limit(method: str, path: str) -> int:
@@ -69,15 +169,21 @@ class Guard:
             await self.app(scope, receive, send)
             return
         host = b""
+        hosts = 0
         auth = b""
         length = b""
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
+                hosts += 1
             elif name == b"authorization":
                 auth = value
             elif name == b"content-length":
                 length = value
+        if hosts > 1:
+            # Proxies and frameworks disagree on which one counts: trust neither.
+            await _answer(send, 400, "ConfigError", "more than one Host header; send exactly one")
+            return
         if host.lower() not in self._hosts:
             shown = host.decode("latin-1")[:100]
             await _answer(

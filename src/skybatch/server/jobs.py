@@ -38,7 +38,14 @@ from skybatch.io.files import FileReader
 from skybatch.io.jsonl import JsonReader, JsonWriter
 from skybatch.server.context import Context
 from skybatch.server.models import JobSubmit, JobView
-from skybatch.server.store import JobRecord, Lease, OutputClaimed, claimed_outputs
+from skybatch.server.store import (
+    JobRecord,
+    Lease,
+    OutputClaimed,
+    claimed_outputs,
+    output_key,
+    overlap,
+)
 from skybatch.states import JobStatus, PoolStatus
 
 __all__ = ["JobService", "job_view"]
@@ -106,6 +113,55 @@ def _spec_field(field: str) -> Iterator[None]:
         raise ConfigError(
             f"{field}: invalid spec ({detail}); pass a skybatch reader or writer"
         ) from None
+
+
+def _require_absolute(field: str, path: object) -> None:
+    """A local path must come absolute: relative to the server's working directory
+    it would name a place the user never meant (the Python client resolves paths)."""
+    if not isinstance(path, str):
+        return
+    plain = path
+    if path.startswith("file://localhost/"):
+        plain = path[len("file://localhost") :]
+    elif path.startswith(("file://", "local://")):
+        plain = path.split("://", 1)[1]
+    elif "://" in path:
+        return
+    if not plain.startswith("/"):
+        raise ConfigError(
+            f"{field}.path: {path!r} is not an absolute path; send an absolute path or a "
+            "URL such as s3://bucket/key"
+        )
+
+
+def _disjoint(keys: list[str]) -> None:
+    """Two outputs of one job must not be one file, nor one inside the other."""
+    for n, key in enumerate(keys):
+        for earlier in keys[:n]:
+            both = overlap(earlier, key)
+            if both == key:
+                raise ConfigError(f"two outputs of this job write {key}; give each its own path")
+            if both is not None:
+                raise ConfigError(
+                    f"two outputs of this job overlap: {both}; give each its own path"
+                )
+
+
+def _absent_local(writers: list[OutputWriter]) -> list[str]:
+    """The local outputs not there yet: a directory the job makes for one goes if the
+    job ends without publishing (a later submit of a file there would find a directory)."""
+    return [w.path for w in writers if storage.is_local(w.path) and not os.path.lexists(w.path)]
+
+
+def _replaceable(spec: dict[str, Any]) -> list[str]:
+    """The outputs this job's reduce_results published: its resume may replace them."""
+    return list(spec.get("_partial_outputs", ()))
+
+
+def _remove_made_dirs(spec: dict[str, Any]) -> None:
+    for path in spec.get("_new_outputs", ()):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only if empty: whatever else is there stays
 
 
 class JobService:
@@ -210,6 +266,13 @@ class JobService:
             raise ConfigError(f"batch_size must be at least 1, got {req.batch_size}")
         # Everything the request can get wrong is found before the job exists, so a
         # refused submit leaves no job (and no claim on its outputs) behind.
+        specs = [(f"writers[{i}]", w) for i, w in enumerate(req.writers)]
+        if req.errors:
+            specs.append(("errors", req.errors))
+        if req.items is None:
+            specs.append(("reader", req.reader))
+        for field, given in specs:
+            _require_absolute(field, given.get("path"))  # before from_spec resolves it here
         with _spec_field("reader"):
             reader = reader_from_spec(req.reader) if req.items is None else None
         writers = []
@@ -220,9 +283,16 @@ class JobService:
         if req.errors:
             with _spec_field("errors"):
                 errors.append(writer_from_spec(req.errors))
-        paths = [w.path for w in writers + errors]
-        if len(set(paths)) != len(paths):
-            raise ConfigError(f"two outputs write the same path: {paths}")
+        loaded: list[tuple[str, object]] = [(f"writers[{i}]", w) for i, w in enumerate(writers)]
+        loaded += [("errors", e) for e in errors]
+        if reader is not None:
+            loaded.append(("reader", reader))
+        for field, obj in loaded:
+            _require_absolute(field, getattr(obj, "path", None))  # a custom class's own path
+        # Claimed as spelled by output_key: through symbolic links, and a directory
+        # with what is inside it.
+        paths = await asyncio.to_thread(lambda: [output_key(w.path) for w in writers + errors])
+        _disjoint(paths)
         if reader is not None:
             with _spec_field("reader"):
                 await asyncio.to_thread(reader.validate)
@@ -236,8 +306,8 @@ class JobService:
             job_id = store.create_job(req.name, req.pool, spec, self.ctx.clock(), paths)
         except OutputClaimed as e:
             raise ConflictError(
-                f"job {e.job_id} is already writing {e.path}; wait for it, cancel it "
-                f"(`skybatch jobs cancel {e.job_id}`), or choose another output"
+                f"{e}; wait for it, cancel it (`skybatch jobs cancel {e.job_id}`), or choose "
+                "another output"
             ) from None
         try:
             if not writers:
@@ -255,10 +325,12 @@ class JobService:
                 # Inside the first output's staging area: removed with the job's parts.
                 reader.scratch = storage.join(writers[0].staging_root(job_id), ".input")
             spec["reader"] = reader.to_spec()  # with the resolved file list and scratch area
+            spec["_new_outputs"] = await asyncio.to_thread(_absent_local, writers + errors)
             store.set_job_spec(job_id, spec)
             await asyncio.to_thread(self._prepare, writers + errors, job_id, req.overwrite)
         except BaseException:
             await asyncio.to_thread(self._cleanup, writers, job_id, reader)
+            await asyncio.to_thread(_remove_made_dirs, spec)
             store.delete_job(job_id)
             raise
         self._writers[job_id] = writers
@@ -272,6 +344,10 @@ class JobService:
         job = self.get(job_id)
         if job.status is JobStatus.SUCCEEDED:
             raise ConflictError(f"job {job_id} already succeeded; there is nothing to resume")
+        if job_id in self._reducing:
+            raise ConflictError(
+                f"job {job_id}'s output is being written (reduce_results); try again"
+            )
         if not job.status.finished:
             raise ConflictError(
                 f"job {job_id} is {job.status.value}; only a failed or cancelled job resumes"
@@ -287,6 +363,7 @@ class JobService:
                 max_retries=req.max_retries,
                 retry_backoff=req.retry_backoff,
                 batch_timeout=req.batch_timeout,
+                overwrite=spec["overwrite"] or req.overwrite,
             )
             pool_name = req.pool
         pool = self.ctx.store.get_pool(pool_name)
@@ -326,17 +403,22 @@ class JobService:
                 f"job {job_id}'s decompressed input was removed with its staging area "
                 "(nothing had committed); submit a new job"
             )
-        # A partial output written by reduce_results is replaced by the complete one.
-        spec["overwrite"] = True
-        await asyncio.to_thread(self._prepare, writers, job_id, True)
+        # A partial output this job's reduce_results wrote is replaced by the complete
+        # one; any other output there (a newer job's) only with overwrite=True.
+        replace = _replaceable(spec)
+
+        def prepare() -> None:
+            for w in writers:
+                w.prepare(job_id, spec["overwrite"] or w.path in replace)
+
+        await asyncio.to_thread(prepare)
+        keys = await asyncio.to_thread(claimed_outputs, spec)  # realpath: file system calls
         try:
-            reopened = self.ctx.store.reopen_job(
-                job_id, pool_name, spec, self.ctx.clock(), claimed_outputs(spec)
-            )
+            reopened = self.ctx.store.reopen_job(job_id, pool_name, spec, self.ctx.clock(), keys)
         except OutputClaimed as e:
             raise ConflictError(
-                f"job {e.job_id} is writing {e.path} now; resume job {job_id} once it ends, "
-                f"or cancel it (`skybatch jobs cancel {e.job_id}`)"
+                f"{e}; resume job {job_id} once it ends, or cancel it "
+                f"(`skybatch jobs cancel {e.job_id}`)"
             ) from None
         if not reopened:
             raise ConflictError(f"job {job_id} changed state meanwhile; try again")
@@ -409,7 +491,7 @@ class JobService:
     def _stage_items(self, job_id: int, writer: OutputWriter, items: str) -> InputReader:
         """Dataset.from_items: the rows, as a JSONL file in the job's staging area."""
         url = storage.join(writer.staging_root(job_id), ".items.jsonl")
-        storage.makedirs(storage.dirname(url), writer.storage_options)
+        storage.make_staging_root(storage.dirname(url), writer.storage_options)
         storage.write_bytes(url, items.encode(), writer.storage_options)
         reader = JsonReader(url, writer.storage_options)
         reader.validate()
@@ -428,7 +510,13 @@ class JobService:
             raise ConflictError(
                 f"job {job_id} is {job.status.value}; its results come back when it succeeds"
             )
-        return Path(job.spec["writers"][0]["path"])
+        path = Path(job.spec["writers"][0]["path"])
+        if not path.is_file():
+            raise NotFoundError(
+                f"job {job_id}'s results are gone ({path} was removed, with the server's "
+                "home or by hand); run the job again"
+            )
+        return path
 
     @staticmethod
     def _prepare(writers: list[OutputWriter], job_id: int, overwrite: bool) -> None:
@@ -642,9 +730,16 @@ class JobService:
             ] or attempts
             plan = store.batch_plan(job.id, batch)
             rows = f" (rows {plan.row_start}-{plan.row_start + plan.row_count - 1})" if plan else ""
+            # A first death by a signal costs no retry, so without saying so the count
+            # reads as a contradiction ("failed 2 times (max_retries=0)").
+            free = (
+                "; the first death by a signal is free"
+                if any(a.error_kind == "signal" for a in mapper_failures)
+                else ""
+            )
             lines.append(
                 f"job {job.id} ({job.name}) failed: batch {batch}{rows} failed "
-                f"{len(mapper_failures)} times (max_retries={job.spec['max_retries']})."
+                f"{len(mapper_failures)} times (max_retries={job.spec['max_retries']}{free})."
             )
             shown = [(1, mapper_failures[0])]
             if len(mapper_failures) > 1:
@@ -700,6 +795,7 @@ class JobService:
         if job.committed_batches:
             if self.ctx.store.set_job_status(job_id, JobStatus.FAILED, self.ctx.clock(), message):
                 log.info("job %d failed", job_id)
+            await asyncio.to_thread(_remove_made_dirs, job.spec)
             self._notify(job)
             return
         # Nothing to recover: leave no staging area behind.
@@ -716,6 +812,8 @@ class JobService:
             await asyncio.to_thread(
                 self._cleanup, writers, job.id, reader_from_spec(job.spec["reader"])
             )
+            if status is not JobStatus.SUCCEEDED:
+                await asyncio.to_thread(_remove_made_dirs, job.spec)
         finally:
             self._finishing.discard(job.id)
             self._notify(job)
@@ -733,6 +831,7 @@ class JobService:
         if job.status is JobStatus.REDUCING:
             raise ConflictError(f"job {job_id} has finished its batches and is writing its output")
         self.ctx.store.set_job_status(job_id, JobStatus.CANCELLED, self.ctx.clock(), reason)
+        await asyncio.to_thread(_remove_made_dirs, job.spec)
         stop = self._indexing.get(job_id)
         if stop is not None:
             stop.set()
@@ -782,6 +881,7 @@ class JobService:
         )
         # set_job_status refuses to move a finished job, so fail it from REDUCING here.
         self.ctx.store.set_job_status(job.id, JobStatus.FAILED, self.ctx.clock(), message)
+        await asyncio.to_thread(_remove_made_dirs, job.spec)
         self._notify(job)
 
     def _publish(
@@ -789,9 +889,10 @@ class JobService:
     ) -> None:
         """Stage every output, then publish them all: no output appears unless all can."""
         staged = []
+        replace = _replaceable(job.spec)
         try:
             for w in writers:
-                if not overwrite and w.output_exists():
+                if not (overwrite or w.path in replace) and w.output_exists():
                     raise OutputError(
                         f"output {w.path} appeared while the job ran; pass overwrite=True "
                         "to replace it"
@@ -860,6 +961,13 @@ class JobService:
         self._reducing.add(job_id)
         try:
             await asyncio.to_thread(stage_and_publish)
+            # Read and written with no await between: a resume (on this loop) cannot
+            # reopen the job in the middle and lose its new spec.
+            job = self.get(job_id)
+            if job.status.finished and writer.path not in _replaceable(job.spec):
+                spec = dict(job.spec)
+                spec["_partial_outputs"] = [*_replaceable(spec), writer.path]
+                self.ctx.store.set_job_spec(job_id, spec)
         finally:
             self._reducing.discard(job_id)
         missing = self._missing_rows(job, parts)

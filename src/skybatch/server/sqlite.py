@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from skybatch.errors import DiskFullError, ServerError
+from skybatch.errors import DiskFullError, ServerError, SkyBatchError
 from skybatch.io.base import BatchPlan, Part
 from skybatch.server import scheduler
 from skybatch.server.store import (
@@ -152,6 +152,8 @@ class SqliteStore(Store):
         self._path = Path(path)
         self._lock = threading.RLock()
         self.problem: str | None = None
+        self.home_lost = False
+        self._home_id = self._dir_id()
         self._db = self._connect()
         self._db.executescript(_SCHEMA)
         self._migrate()
@@ -179,15 +181,18 @@ class SqliteStore(Store):
         path; going on silently would lose every job and pool at the next restart.
         If that fails, the store refuses all further work with :attr:`problem`.
         """
-        if self.problem is not None:
+        if self.problem is not None or self.home_lost:
             return
         try:
             st = os.stat(self._path)
             if (st.st_dev, st.st_ino) == self._file_id:
                 return
             what = "replaced"
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             what = "deleted"
+        if self._dir_id() != self._home_id:
+            self._restore_home()
+            return
         with self._lock:
             try:
                 aside = self._restore(what)
@@ -205,6 +210,36 @@ class SqliteStore(Store):
             what,
             f" (the file found there is now {aside})" if aside else "",
         )
+
+    def _dir_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._path.parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _restore_home(self) -> None:
+        """The whole home went (``rm -rf``): make it again and write state.db back.
+
+        The server cannot go on there (its workers' directories and its lock went
+        too), so :attr:`home_lost` tells it to stop (and log why); the next server
+        starts from this state. If even this fails, :attr:`problem` says so.
+        """
+        from skybatch.config import Home
+
+        home = self._path.parent
+        self.home_lost = True
+        with self._lock:
+            try:
+                Home(home).ensure()
+                self._restore("replaced" if self._path.exists() else "deleted")
+                self._home_id = self._dir_id()
+            except (OSError, sqlite3.Error, SkyBatchError) as e:
+                self.problem = (
+                    f"SKYBATCH_HOME {home} was deleted while the server ran and could not be "
+                    f"restored ({e}); the jobs and pools it held are lost"
+                )
+                return
 
     def _restore(self, what: str) -> Path | None:
         tmp = self._path.with_name(self._path.name + ".restoring")
@@ -236,8 +271,10 @@ class SqliteStore(Store):
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def _claim_unfinished_outputs(self) -> None:
-        """Claims for unfinished jobs of a database made before outputs were claimed."""
+        """The unfinished jobs' claims, made again from their specs: a database made
+        before outputs were claimed, or before claims were spelled by ``output_key``."""
         with self._tx() as db:
+            db.execute("DELETE FROM outputs")
             for job_id, spec in db.execute(
                 "SELECT id, spec FROM jobs WHERE status IN (?,?,?)",
                 (*_ACTIVE, JobStatus.REDUCING.value),
@@ -249,11 +286,21 @@ class SqliteStore(Store):
 
     @staticmethod
     def _claim(db: sqlite3.Connection, job_id: int, outputs: Sequence[str]) -> None:
-        """Inside the caller's transaction: raising rolls back what it recorded."""
+        """Inside the caller's transaction: raising rolls back what it recorded.
+
+        A claim conflicts with another job's claim of the same key, of a directory
+        holding it, or of anything inside it (a shards directory and a file in it).
+        substr, not LIKE: paths may hold ``%`` and ``_``.
+        """
         for path in outputs:
-            owner = db.execute("SELECT job_id FROM outputs WHERE path=?", (path,)).fetchone()
-            if owner is not None and owner[0] != job_id:
-                raise OutputClaimed(path, owner[0])
+            owner = db.execute(
+                "SELECT path, job_id FROM outputs WHERE job_id != :job AND (path = :path "
+                "OR substr(path, 1, length(:path) + 1) = :path || '/' "
+                "OR substr(:path, 1, length(path) + 1) = path || '/') LIMIT 1",
+                {"job": job_id, "path": path},
+            ).fetchone()
+            if owner is not None:
+                raise OutputClaimed(owner[0], owner[1], path)
             db.execute("INSERT OR IGNORE INTO outputs(path, job_id) VALUES(?,?)", (path, job_id))
 
     def close(self) -> None:

@@ -8,11 +8,13 @@ the only) implementation is :mod:`skybatch.server.sqlite`.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from skybatch.errors import ConflictError
+from skybatch.io import storage
 from skybatch.io.base import BatchPlan, Part
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
 
@@ -25,24 +27,58 @@ __all__ = [
     "Store",
     "WorkerRecord",
     "claimed_outputs",
+    "output_key",
+    "overlap",
 ]
 
 
 class OutputClaimed(ConflictError):
-    """Another unfinished job owns one of the outputs (from create_job or reopen_job)."""
+    """Another unfinished job owns one of the outputs (from create_job or reopen_job):
+    ``path``, the other job's claim, is ``wanted`` or holds it or lies inside it."""
 
-    def __init__(self, path: str, job_id: int) -> None:
-        super().__init__(f"job {job_id} is already writing {path}")
+    def __init__(self, path: str, job_id: int, wanted: str | None = None) -> None:
         self.path = path
         self.job_id = job_id
+        self.wanted = wanted or path
+        super().__init__(f"job {job_id} is already writing {overlap(path, self.wanted) or path}")
+
+
+def output_key(url: str) -> str:
+    """The one spelling of where ``url`` writes, as outputs are claimed.
+
+    Local paths (plain, ``file://``, ``local://``) go through symbolic links
+    (``os.path.realpath`` resolves the components that exist and keeps the rest);
+    object-store URLs stay as written, without a trailing slash (``s3a`` is ``s3``
+    and ``gcs`` is ``gs``).
+    """
+    url = storage.resolve(url)
+    if "://" not in url:
+        return os.path.realpath(url)
+    scheme, rest = url.split("://", 1)
+    return f"{_SAME_STORE.get(scheme, scheme)}://{rest.rstrip('/')}"
+
+
+_SAME_STORE = {"s3a": "s3", "gcs": "gs"}
+
+
+def overlap(a: str, b: str) -> str | None:
+    """How output keys ``a`` and ``b`` overlap, said from ``a``; None if they do not."""
+    if a == b:
+        return a
+    if b.startswith(a + "/"):
+        return f"{a}, which holds {b}"
+    if a.startswith(b + "/"):
+        return f"{a}, inside {b}"
+    return None
 
 
 def claimed_outputs(spec: dict[str, Any]) -> list[str]:
-    """The paths a job's spec writes: its outputs and its errors output."""
+    """The keys (``output_key``) of what a job's spec writes: its outputs and its
+    errors output."""
     paths = [w["path"] for w in spec["writers"]]
     if spec.get("errors"):
         paths.append(spec["errors"]["path"])
-    return paths
+    return [output_key(p) for p in paths]
 
 
 @dataclass
@@ -119,6 +155,8 @@ class Store(abc.ABC):
 
     #: Set when the store can no longer keep state (its file was lost): one line.
     problem: str | None = None
+    #: Set when the deployment's whole home was deleted: the server must stop.
+    home_lost: bool = False
 
     def check_file(self) -> None:  # noqa: B027 - a no-op for stores without a file
         """Called by the monitor: notice (and repair) state lost under the server."""
