@@ -411,7 +411,13 @@ def test_logs_follow_until_the_job_ends(shared: Deployment, tmp_path: Path) -> N
     for start in range(0, 12, 2):
         assert f"slow batch from {start}" in proc.stdout
     worker_zero = shared.cli("jobs", "logs", job.job_id, "--worker", "0").stdout
-    assert "(worker-" not in worker_zero and worker_zero in proc.stdout.replace("(worker-0) ", "")
+    # Followed, the workers' lines interleave as they come; each keeps its tag and order.
+    followed_zero = [
+        line.removeprefix("(worker-0) ")
+        for line in proc.stdout.splitlines()
+        if line.startswith("(worker-0) ")
+    ]
+    assert "(worker-" not in worker_zero and worker_zero.splitlines() == followed_zero
 
 
 @skybatch.remote_function

@@ -224,6 +224,57 @@ def test_server_killed_during_the_reduce(deployment: Deployment, tmp_path: Path)
     assert sorted(os.listdir(out_dir)) == ["out.jsonl"]
 
 
+def test_a_reduce_that_server_restarts_keep_cutting_short_is_given_up(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    deployment.pool("pool", workers=2, tmp=tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    rows = rows_of(40)
+    job_id = ds(write_jsonl(tmp_path / "in.jsonl", rows)).map(
+        upper, pool_name="pool", batch_size=2,
+        output=SlowReduceWriter(str(out_dir / "out.jsonl")), stream=False,
+    ).job_id  # fmt: skip
+
+    def job() -> skybatch.Job:
+        return skybatch.Job(job_id)  # anew after each kill: the old client is closed
+
+    def temp_inode() -> int | None:
+        names = [n for n in os.listdir(out_dir) if n.endswith(".tmp")]
+        return os.stat(out_dir / names[0]).st_ino if names else None
+
+    seen: set[int] = set()
+    for _ in range(2):  # the reduce's first run, then the one after the first restart
+        # A reduce runs when it makes its temp file anew (a new inode).
+        inode = wait_for(
+            lambda: job().info().status == "REDUCING" and (i := temp_inode()) not in seen and i,
+            90,
+            "a reduce writing its temp file",
+        )
+        seen.add(inode)
+        pid = deployment.server_pid()
+        assert pid is not None
+        server = psutil.Process(pid)
+        os.kill(pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        close_clients()
+
+    # The third start does not run the reduce again: the job fails, saying why.
+    with pytest.raises(skybatch.JobFailedError) as failed:
+        job().wait(timeout=90)
+    assert str(failed.value).splitlines()[0] == (
+        f"job {job_id} ({job().info().name}) could not publish its output: the reduce was "
+        "interrupted by server restarts 2 times, so it is not started again"
+    )
+    assert sorted(os.listdir(out_dir)) == [".skybatch"]  # the temp file is gone
+
+    # The committed batches were kept: a resume (after the cause is fixed) publishes.
+    job().resume(stream=False)
+    assert job().wait(timeout=90).info().status == "SUCCEEDED"
+    assert read_jsonl(out_dir / "out.jsonl") == expected(rows)
+    assert sorted(os.listdir(out_dir)) == ["out.jsonl"]
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MB tmpfs, unmounted afterwards."""

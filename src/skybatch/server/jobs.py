@@ -215,7 +215,20 @@ class JobService:
         """After a restart: finish reduces under way, and indexing cut short."""
         loop = asyncio.get_running_loop()
         for job in self.ctx.store.list_jobs(active_only=True):
-            if job.status is JobStatus.REDUCING or _ready_to_reduce(job):
+            if job.status is JobStatus.REDUCING:
+                # A reduce that brings the server down (a custom writer's reduce eating
+                # its memory, say) would do so again at every start.
+                starts = self.ctx.store.note_reduce_start(job.id, restart=True)
+                if starts > defaults.MAX_INDEX_STARTS:
+                    message = (
+                        f"job {job.id} ({job.name}) could not publish its output: the reduce "
+                        f"was interrupted by server restarts {starts - 1} times, so it is not "
+                        "started again"
+                    )
+                    self._spawn(self._give_up_reduce(job, message))
+                    continue
+                self._spawn(self._reduce(job.id))
+            elif _ready_to_reduce(job):
                 self._spawn(self._reduce(job.id))
             elif not job.indexed:
                 reader = reader_from_spec(job.spec["reader"])
@@ -858,6 +871,7 @@ class JobService:
         ):
             return
         if job.status is not JobStatus.REDUCING:
+            store.note_reduce_start(job_id, restart=False)
             store.set_job_status(job_id, JobStatus.REDUCING, self.ctx.clock())
             self._notify(job)
         writers = self.writers(job)
@@ -873,6 +887,17 @@ class JobService:
             return
         await self._finish(job, JobStatus.SUCCEEDED)
         log.info("job %d succeeded", job_id)
+
+    async def _give_up_reduce(self, job: JobRecord, message: str) -> None:
+        """Fail a reduce that will not be run again, removing what its last run left."""
+
+        def discard() -> None:
+            specs = job.spec["writers"] + ([job.spec["errors"]] if job.spec.get("errors") else [])
+            for spec in specs:
+                writer_from_spec(spec).staged_file(job.id).discard()
+
+        await asyncio.to_thread(discard)
+        await self._fail_reduce(job, message)
 
     async def _fail_reduce(self, job: JobRecord, message: str) -> None:
         message += (

@@ -87,6 +87,7 @@ _ADDED_COLUMNS = [
     ("jobs", "generation", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "index_starts", "INTEGER NOT NULL DEFAULT 0"),
     ("batches", "signals", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "reduce_starts", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 #: Batches made by splitting a failed batch get indices from here up, clear of planned ones.
@@ -528,6 +529,15 @@ class SqliteStore(Store):
             ).fetchall()
             return int(rows[0][0]) if rows else 0
 
+    def note_reduce_start(self, job_id: int, restart: bool) -> int:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE jobs SET reduce_starts=CASE WHEN ? THEN reduce_starts+1 ELSE 1 END "
+                "WHERE id=? RETURNING reduce_starts",
+                (restart, job_id),
+            ).fetchall()
+            return int(rows[0][0]) if rows else 0
+
     def set_job_status(
         self, job_id: int, status: JobStatus, now: float, error: str | None = None
     ) -> bool:
@@ -567,7 +577,7 @@ class SqliteStore(Store):
             cur = db.execute(
                 "UPDATE jobs SET status='PENDING', pool=?, spec=?, error=NULL, finished_at=NULL, "
                 "failed_batches=0, max_retries=?, retry_backoff=?, version=version+1, "
-                "generation=generation+1 "
+                "generation=generation+1, reduce_starts=0 "
                 "WHERE id=? AND status IN ('FAILED','CANCELLED')",
                 (pool, orjson.dumps(spec), spec["max_retries"], spec["retry_backoff"], job_id),
             )

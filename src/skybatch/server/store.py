@@ -247,6 +247,11 @@ class Store(abc.ABC):
         batch (a fresh start, not after a ``restart`` of the server, counts from 1)."""
 
     @abc.abstractmethod
+    def note_reduce_start(self, job_id: int, restart: bool) -> int:
+        """Count a start of the job's reduce: 1 for the first, one more for each start
+        after a ``restart`` of the server cut the last one short."""
+
+    @abc.abstractmethod
     def set_job_status(
         self, job_id: int, status: JobStatus, now: float, error: str | None = None
     ) -> bool:
