@@ -215,7 +215,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def get_job(job_id: JobId, version: int = -1, wait: float = 0) -> JobView:
         if wait > 0:
             return jobs.view(await jobs.wait(job_id, version, min(wait, 60)))
-        return jobs.view(jobs.get(job_id))
+        return jobs.view(await jobs.settled(job_id))
 
     @api.post("/jobs/{job_id}/cancel")
     async def cancel(job_id: JobId) -> JobView:

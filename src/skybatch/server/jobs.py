@@ -1031,6 +1031,14 @@ class JobService:
             problems.insert(0, self._state_full)
         return "; ".join(problems) or None
 
+    async def settled(self, job_id: int) -> JobRecord:
+        """The job as its owner may act on it: one whose final status is recorded but
+        whose staging area is still being removed (moments) is answered after that."""
+        deadline = time.monotonic() + 30
+        while job_id in self._finishing and time.monotonic() < deadline:
+            await self.ctx.notifier.wait(("job", job_id), deadline - time.monotonic())
+        return self.get(job_id)
+
     def view(self, job: JobRecord) -> JobView:
         return job_view(job, None if job.status.finished else self.health(job.id))
 
