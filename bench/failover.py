@@ -81,7 +81,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="skybatch-failover-"))
     os.environ["SKYBATCH_HOME"] = str(tmp / "home")
     from skybatch.client.api import close_clients
-    from skybatch.server.daemon import stop_server
+    from skybatch.client.launcher import stop_server
 
     try:
         (tmp / "pool.yaml").write_text("pool:\n  workers: 3\n")

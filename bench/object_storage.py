@@ -33,7 +33,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.storage_servers import seaweedfs
+from tests.e2e.storage_servers import seaweedfs
 
 import skybatch
 
@@ -116,9 +116,9 @@ def main() -> None:
         import s3fs
 
         from skybatch.client.api import close_clients
-        from skybatch.config import home
+        from skybatch.client.launcher import stop_server
+        from skybatch.config import home, read_server_info
         from skybatch.io.jsonl import JsonReader
-        from skybatch.server.daemon import read_server_info, stop_server
 
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("bench")

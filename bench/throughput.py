@@ -105,8 +105,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="skybatch-bench-"))
     os.environ["SKYBATCH_HOME"] = str(tmp / "home")
-    from skybatch.config import home
-    from skybatch.server.daemon import read_server_info, stop_server
+    from skybatch.client.launcher import stop_server
+    from skybatch.config import home, read_server_info
 
     try:
         data = tmp / "data.jsonl"

@@ -15,7 +15,7 @@ A Sky Batch script ports by renaming ``sky.batch.`` to ``skybatch.``::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from skybatch.client.admin import (
     cancel,
@@ -25,8 +25,9 @@ from skybatch.client.admin import (
     pool_status,
     prune_jobs,
 )
+from skybatch.client.api import partial_reduce
 from skybatch.client.dataset import Dataset, Job
-from skybatch.client.remote import RemoteFunction, remote_function
+from skybatch.client.remote import RemoteFunction, load, remote_function, save_results
 from skybatch.errors import (
     AuthError,
     ConfigError,
@@ -43,16 +44,15 @@ from skybatch.errors import (
     ServerError,
     SkyBatchError,
 )
-from skybatch.io.base import InputReader, OutputWriter
+from skybatch.io.base import InputReader, OutputWriter, set_partial_reduce
 from skybatch.io.csvio import CsvReader, CsvWriter
 from skybatch.io.images import ImageWriter
 from skybatch.io.jsonl import JsonReader, JsonWriter
 from skybatch.states import JobStatus
+from skybatch.version import __version__
 
 if TYPE_CHECKING:
     from skybatch.io.parquetio import ParquetReader, ParquetWriter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuthError",
@@ -94,21 +94,8 @@ __all__ = [
     "save_results",
 ]
 
-
-def load() -> NoReturn:
-    """Inside a mapper on a worker: yield the batches, each a list of dicts."""
-    raise SkyBatchError(
-        "skybatch.load() works only inside a mapper running on a worker; "
-        "decorate the mapper with @skybatch.remote_function and pass it to ds.map(...)"
-    )
-
-
-def save_results(results: list[dict[str, Any]]) -> NoReturn:
-    """Inside a mapper on a worker: save one dict per input row of the current batch."""
-    raise SkyBatchError(
-        "skybatch.save_results() works only inside a mapper running on a worker; "
-        "pass the mapper to ds.map(...)"
-    )
+# io sits below the client, so a writer's reduce_results reaches the server through this.
+set_partial_reduce(partial_reduce)
 
 
 def __getattr__(name: str) -> Any:

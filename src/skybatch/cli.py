@@ -269,7 +269,7 @@ def server() -> None:
 @_errors
 def server_start_cmd() -> None:
     """Start the server if it is not running."""
-    from skybatch.server.daemon import ensure_server
+    from skybatch.client.launcher import ensure_server
 
     info = ensure_server()
     click.echo(f"Server running at {info.url} (pid {info.pid}).")
@@ -279,7 +279,7 @@ def server_start_cmd() -> None:
 @_errors
 def server_stop_cmd() -> None:
     """Stop the server and its pools' workers (they come back at the next start)."""
-    from skybatch.server.daemon import stop_server
+    from skybatch.client.launcher import stop_server
 
     if stop_server():
         click.echo("Server stopped.")
@@ -291,8 +291,8 @@ def server_stop_cmd() -> None:
 @_errors
 def server_status_cmd() -> None:
     """Say whether the server runs, where, and for which SKYBATCH_HOME."""
+    from skybatch.client.launcher import running_server
     from skybatch.config import home
-    from skybatch.server.daemon import running_server
 
     h = home().check()
     info = running_server(h)

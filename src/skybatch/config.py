@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import secrets
@@ -11,10 +12,18 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from skybatch.errors import ConfigError
 
-__all__ = ["Home", "forbid_inspection", "home"]
+__all__ = [
+    "Home",
+    "ServerInfo",
+    "forbid_inspection",
+    "home",
+    "open_private",
+    "read_server_info",
+]
 
 _GROUP_OTHER = stat.S_IRWXG | stat.S_IRWXO
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
@@ -243,3 +252,30 @@ def home() -> Home:
     """The deployment named by ``SKYBATCH_HOME`` (default ``~/.skybatch``)."""
     raw = os.environ.get("SKYBATCH_HOME") or os.path.join("~", ".skybatch")
     return Home(Path(raw).expanduser().resolve())
+
+
+class ServerInfo(dict[str, Any]):
+    """``server.json``: the running server's pid, URL and port, written by the server."""
+
+    @property
+    def url(self) -> str:
+        return str(self["url"])
+
+    @property
+    def pid(self) -> int:
+        return int(self["pid"])
+
+
+def read_server_info(home: Home) -> ServerInfo | None:
+    try:
+        return ServerInfo(json.loads(home.server_file.read_text()))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def open_private(path: Path, flags: int = 0) -> int:
+    """``path`` opened for writing, created 0600 (and made 0600 if an older skybatch
+    left it 0644): everything in the home is the user's alone."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import skybatch
-from tests.conftest import Deployment, deployment_at, read_jsonl, wait_for, write_jsonl
+from tests.helpers import Deployment, deployment_at, read_jsonl, server, wait_for, write_jsonl
 
 MiB = 1024 * 1024
 
@@ -54,13 +54,6 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     with deployment_at(root / "home") as d:
         d.pool("p", workers=1, tmp=root)
         yield d
-
-
-def server(d: Deployment) -> tuple[str, dict[str, str], int]:
-    """URL, the token header, and the server's pid."""
-    info = json.loads(d.home.server_file.read_text())
-    token = d.home.token_file.read_text().strip()
-    return info["url"], {"Authorization": f"Bearer {token}"}, info["pid"]
 
 
 def peak_rss_growth(pid: int, action: Callable[[], Any]) -> tuple[Any, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 import skybatch
-from tests.conftest import Deployment, wait_for, write_jsonl
+from tests.helpers import Deployment, wait_for, write_jsonl
 
 ROWS = 20_000
 

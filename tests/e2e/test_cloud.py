@@ -19,8 +19,8 @@ import pytest
 import skybatch
 from skybatch.errors import InputError, JobFailedError, SkyBatchError
 from skybatch.io import storage
-from tests.conftest import REPO, Deployment, deployment_at
-from tests.storage_servers import GcsServer, S3Server
+from tests.e2e.storage_servers import GcsServer, S3Server
+from tests.helpers import REPO, Deployment, deployment_at
 
 EXAMPLE = REPO / "examples" / "quickstart"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import skybatch
-from tests.conftest import Deployment, write_jsonl
+from tests.helpers import Deployment, write_jsonl
 
 
 @skybatch.remote_function

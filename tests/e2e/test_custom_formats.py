@@ -13,7 +13,7 @@ import pytest
 
 import skybatch
 from skybatch.errors import ConfigError
-from tests.conftest import Deployment, read_jsonl
+from tests.helpers import Deployment, read_jsonl
 
 
 @dataclass

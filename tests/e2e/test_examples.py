@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, Deployment, read_jsonl
+from tests.helpers import REPO, Deployment, read_jsonl
 
 EXAMPLES = REPO / "examples"
 

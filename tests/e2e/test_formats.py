@@ -13,7 +13,7 @@ from PIL import Image
 
 import skybatch
 from skybatch.errors import JobFailedError
-from tests.conftest import Deployment, read_jsonl, write_jsonl
+from tests.helpers import Deployment, read_jsonl, write_jsonl
 
 
 @skybatch.remote_function

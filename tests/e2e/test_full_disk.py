@@ -5,42 +5,12 @@ here (root only), filled by the test with a filler file."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import skybatch
-from tests.conftest import Deployment, deployment_at, read_jsonl, wait_for, write_jsonl
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "8m") -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        # The deployment's processes are stopped (by PID) before this runs.
-        deadline = time.monotonic() + 10
-        while subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            if time.monotonic() > deadline:
-                subprocess.run(["umount", "-l", str(path)], check=True)
-                break
-            time.sleep(0.2)
+from tests.helpers import Deployment, deployment_at, read_jsonl, tmpfs, wait_for, write_jsonl
 
 
 def fill(directory: Path) -> Path:
@@ -80,7 +50,7 @@ def test_full_home_shows_on_the_job_and_the_job_finishes_when_space_returns(
     tmp_path: Path,
 ) -> None:
     home = tmp_path / "home"
-    with tmpfs(home), deployment_at(home) as d:
+    with tmpfs(home, "8m", mode=0o700, busy_wait=10), deployment_at(home) as d:
         d.pool("p", workers=1, tmp=tmp_path)
         data = write_jsonl(tmp_path / "d.jsonl", rows(40))
         out = tmp_path / "o.jsonl"
@@ -123,7 +93,7 @@ def test_full_output_shows_on_the_job_and_the_job_finishes_when_space_returns(
 ) -> None:
     deployment.pool("p", workers=2, tmp=tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", rows(40, width=20_000))  # 40 KB parts
-    with tmpfs(tmp_path / "out") as outdir:
+    with tmpfs(tmp_path / "out", "8m", mode=0o700, busy_wait=10) as outdir:
         out = outdir / "o.jsonl"
         job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
             slow_and_chatty,

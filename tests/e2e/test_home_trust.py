@@ -28,10 +28,9 @@ import pytest
 import skybatch
 from skybatch.agent import process
 from skybatch.client.api import close_clients
-from skybatch.config import Home
+from skybatch.config import Home, read_server_info
 from skybatch.errors import ConfigError
-from skybatch.server.daemon import read_server_info
-from tests.conftest import Deployment, deployment_at, wait_for
+from tests.helpers import Deployment, deployment_at, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating a second user needs root")
 

@@ -8,7 +8,7 @@ import pytest
 
 import skybatch
 from skybatch.errors import ConfigError, ConflictError, JobFailedError, NotFoundError
-from tests.conftest import Deployment, read_jsonl
+from tests.helpers import Deployment, read_jsonl
 
 
 @skybatch.remote_function

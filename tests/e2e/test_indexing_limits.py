@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 import skybatch
-from skybatch.server.daemon import read_server_info
-from tests.conftest import Deployment, wait_for
+from skybatch.config import read_server_info
+from tests.helpers import Deployment, wait_for
 
 MB = 1024 * 1024
 LIMIT = 32 * MB

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import skybatch
 from skybatch import defaults
-from tests.conftest import Deployment, read_jsonl, write_jsonl
+from tests.helpers import Deployment, read_jsonl, write_jsonl
 
 MiB = 1024 * 1024
 

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 import skybatch
-from tests.conftest import Deployment, read_jsonl, wait_for, write_jsonl
+from tests.helpers import Deployment, read_jsonl, wait_for, write_jsonl
 
 
 @skybatch.remote_function

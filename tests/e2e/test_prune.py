@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import skybatch
-from tests.conftest import Deployment, wait_for
+from tests.helpers import Deployment, wait_for
 
 
 @skybatch.remote_function

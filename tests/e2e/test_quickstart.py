@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, Deployment
+from tests.helpers import REPO, Deployment
 
 EXAMPLE = REPO / "examples" / "quickstart"
 

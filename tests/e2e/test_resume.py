@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import skybatch
-from tests.conftest import Deployment, read_jsonl, wait_for, write_jsonl
+from tests.helpers import Deployment, read_jsonl, wait_for, write_jsonl
 
 FAST = {"retry_backoff": 0.05}
 

@@ -15,8 +15,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 import skybatch
-from tests.conftest import Deployment, deployment_at
-from tests.e2e.test_api_guard import server
+from tests.helpers import Deployment, deployment_at, server
 
 #: Examples per operation and generation mode: the whole run stays well under a minute.
 EXAMPLES = 12

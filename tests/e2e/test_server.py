@@ -10,7 +10,7 @@ import httpx
 import psutil
 
 import skybatch
-from tests.conftest import Deployment, deployment_at, read_jsonl, wait_for, write_jsonl
+from tests.helpers import Deployment, deployment_at, read_jsonl, wait_for, write_jsonl
 
 
 @skybatch.remote_function

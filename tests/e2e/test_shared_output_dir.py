@@ -19,7 +19,7 @@ import pytest
 
 import skybatch
 from skybatch.client.api import close_clients
-from tests.conftest import Deployment, deployment_at, read_jsonl, wait_for, write_jsonl
+from tests.helpers import Deployment, deployment_at, read_jsonl, tmpfs, wait_for, write_jsonl
 
 
 @skybatch.remote_function
@@ -278,16 +278,8 @@ def test_a_reduce_that_server_restarts_keep_cutting_short_is_given_up(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MB tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot mount a tmpfs here: {e}")
-    try:
+    with tmpfs(tmp_path / "small", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_reduce_onto_a_full_disk(deployment: Deployment, tmp_path: Path, small_disk: Path) -> None:

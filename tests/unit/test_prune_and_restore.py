@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from skybatch.batches import BatchPlan
 from skybatch.errors import ServerError
-from skybatch.io.base import BatchPlan
 from skybatch.server.sqlite import SqliteStore
 from skybatch.states import JobStatus, WorkerStatus
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from skybatch.io.base import BatchPlan
+from skybatch.batches import BatchPlan
 from skybatch.server.sqlite import SqliteStore
 from skybatch.server.store import Store
 from skybatch.states import JobStatus, WorkerStatus

@@ -27,15 +27,10 @@ import httpx
 
 from skybatch import defaults
 from skybatch.agent.process import Outcome, Output, RunnerProcess
+from skybatch.batches import BatchPlan, lease_from_wire
 from skybatch.config import Home, forbid_inspection
 from skybatch.errors import SkyBatchError
-from skybatch.io.base import (
-    BatchPlan,
-    InputReader,
-    OutputWriter,
-    reader_from_spec,
-    writer_from_spec,
-)
+from skybatch.io.base import InputReader, OutputWriter, reader_from_spec, writer_from_spec
 
 __all__ = ["main"]
 
@@ -256,20 +251,8 @@ class Agent:
                         if self.busy:
                             self.idle.wait(1.0)
                 continue
-            item = Item(
-                attempt=lease["attempt"],
-                job=lease["job_id"],
-                generation=lease["generation"],
-                plan=BatchPlan(
-                    lease["index"],
-                    lease["file"],
-                    lease["start"],
-                    lease["end"],
-                    lease["row_start"],
-                    lease["row_count"],
-                    lease["line"],
-                ),
-            )
+            attempt, job, generation, plan = lease_from_wire(lease)
+            item = Item(attempt=attempt, job=job, generation=generation, plan=plan)
             with self.lock:
                 self.held.add(item.attempt)
             try:

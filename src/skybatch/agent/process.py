@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skybatch.agent import runner as runner_module
-from skybatch.agent.runner import read_frame, write_frame
+from skybatch.runner import main as runner_script
+from skybatch.runner.main import read_frame, write_frame
 
 __all__ = ["Outcome", "RunnerProcess"]
 
-RUNNER_PATH = runner_module.__file__
+RUNNER_PATH = runner_script.__file__
 
 
 @dataclass

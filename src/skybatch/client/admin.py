@@ -9,7 +9,7 @@ from typing import Any
 from skybatch.client.api import Client
 from skybatch.errors import PoolError
 from skybatch.pools.spec import check_pool_name, load_pool_file
-from skybatch.server.models import JobView, PoolView
+from skybatch.wire import JobView, PoolView
 
 __all__ = ["cancel", "jobs_queue", "pool_apply", "pool_down", "pool_status", "prune_jobs"]
 

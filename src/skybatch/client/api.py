@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 
+from skybatch.client.launcher import ensure_server
 from skybatch.config import Home
 from skybatch.config import home as current_home
 from skybatch.errors import ServerError, SkyBatchError, error_from_payload
-from skybatch.server.daemon import ensure_server
 
-__all__ = ["Client"]
+__all__ = ["Client", "partial_reduce"]
 
 _CACHE: dict[object, Client] = {}
 _CACHE_LOCK = threading.Lock()
@@ -182,3 +182,8 @@ class Client:
 
 class ServerUnreachable(ServerError):
     """The server did not answer (it may be restarting)."""
+
+
+def partial_reduce(job_id: str, writer: dict[str, Any]) -> dict[str, Any]:
+    """``OutputWriter.reduce_results``: the server writes what the job committed."""
+    return Client.connect().reduce(job_id, writer)

@@ -17,8 +17,8 @@ from skybatch.client.remote import RemoteFunction, remote_function
 from skybatch.errors import ConfigError, JobCancelledError, JobFailedError
 from skybatch.io.base import InputReader, OutputWriter
 from skybatch.io.jsonl import JsonWriter
-from skybatch.server.models import JobView
 from skybatch.states import JobStatus
+from skybatch.wire import JobView
 
 __all__ = ["Dataset", "Job", "format_log_chunk"]
 

@@ -14,23 +14,40 @@ import inspect
 import textwrap
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from skybatch.codecheck import global_names
-from skybatch.errors import MapperError
+from skybatch.errors import MapperError, SkyBatchError
 
-__all__ = ["RemoteFunction", "remote_function"]
+__all__ = ["RemoteFunction", "load", "remote_function", "save_results"]
+
+
+# The stubs ``skybatch.load`` and ``skybatch.save_results`` (the runner gives mappers the
+# real ones): here, beside the check that recognises them, not in the package above.
+def load() -> NoReturn:
+    """Inside a mapper on a worker: yield the batches, each a list of dicts."""
+    raise SkyBatchError(
+        "skybatch.load() works only inside a mapper running on a worker; "
+        "decorate the mapper with @skybatch.remote_function and pass it to ds.map(...)"
+    )
+
+
+def save_results(results: list[dict[str, Any]]) -> NoReturn:
+    """Inside a mapper on a worker: save one dict per input row of the current batch."""
+    raise SkyBatchError(
+        "skybatch.save_results() works only inside a mapper running on a worker; "
+        "pass the mapper to ds.map(...)"
+    )
 
 
 def _skybatch_alias(value: Any) -> str | None:
     """How a global bound to skybatch (the module, load, save_results) is rebuilt on workers."""
-    import skybatch
-
-    if value is skybatch:
+    # By name, not identity: the client sits below the public package and does not import it.
+    if isinstance(value, types.ModuleType) and value.__name__ == "skybatch":
         return "module"
-    if value is skybatch.load:
+    if value is load:
         return "load"
-    if value is skybatch.save_results:
+    if value is save_results:
         return "save_results"
     return None
 

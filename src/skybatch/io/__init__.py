@@ -3,13 +3,12 @@
 Parquet (``skybatch.io.parquetio``) is imported on first use: pyarrow is slow to import.
 """
 
-from skybatch.io.base import BatchPlan, InputReader, OutputWriter, Part
+from skybatch.io.base import InputReader, OutputWriter
 from skybatch.io.csvio import CsvReader, CsvWriter
 from skybatch.io.images import ImageWriter
 from skybatch.io.jsonl import JsonReader, JsonWriter
 
 __all__ = [
-    "BatchPlan",
     "CsvReader",
     "CsvWriter",
     "ImageWriter",
@@ -17,5 +16,4 @@ __all__ = [
     "JsonReader",
     "JsonWriter",
     "OutputWriter",
-    "Part",
 ]

@@ -17,44 +17,21 @@ import importlib
 import os
 import pickle
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, ClassVar
 
+from skybatch.batches import BatchPlan, Part
 from skybatch.errors import ConfigError, InputError, OutputError, SkyBatchError
 from skybatch.io import storage
 
 __all__ = [
-    "BatchPlan",
     "InputReader",
     "OutputWriter",
-    "Part",
+    "PartialReduce",
     "reader_from_spec",
+    "set_partial_reduce",
     "writer_from_spec",
 ]
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """One batch as a descriptor: where its rows are, not the rows themselves."""
-
-    index: int
-    file: int  # index into the reader's file list
-    start: int  # first byte
-    end: int  # one past the last byte
-    row_start: int  # global index of the batch's first row
-    row_count: int
-    line: int  # 1-based line of the first row in its file, for error messages
-
-
-@dataclass(frozen=True)
-class Part:
-    """A committed batch's part: which attempt wrote it, and which rows it holds."""
-
-    batch: int
-    attempt: int
-    row_start: int
-    row_count: int
 
 
 _READERS: dict[str, type[InputReader]] = {}
@@ -69,6 +46,17 @@ def content_stamp(info: dict[str, Any]) -> list[Any]:
 
 
 _WRITERS: dict[str, type[OutputWriter]] = {}
+
+#: ``(job id, writer spec) -> {"rows", "missing"}``: asks the server for a partial reduce.
+PartialReduce = Callable[[str, dict[str, Any]], dict[str, Any]]
+#: Set by ``skybatch/__init__`` to the client's: io sits below the client and must not import it.
+_partial_reduce: PartialReduce | None = None
+
+
+def set_partial_reduce(reduce: PartialReduce) -> None:
+    """Route :meth:`OutputWriter.reduce_results` through ``reduce`` (the client's)."""
+    global _partial_reduce
+    _partial_reduce = reduce
 
 
 class InputReader:
@@ -213,14 +201,7 @@ class InputReader:
     def split(self, batch: BatchPlan) -> list[BatchPlan]:
         """Two halves of a batch (to isolate failing rows); indices are set by the caller."""
         half = batch.row_count // 2
-        mid = batch.start + half
-        return [
-            BatchPlan(0, batch.file, batch.start, mid, batch.row_start, half, batch.line),
-            BatchPlan(
-                0, batch.file, mid, batch.end, batch.row_start + half, batch.row_count - half,
-                batch.line + half,
-            ),
-        ]  # fmt: skip
+        return batch.halved(batch.start + half, half, batch.line + half)
 
 
 class OutputWriter:
@@ -399,9 +380,9 @@ class OutputWriter:
         Returns ``{"rows": n, "missing": [[first, last], ...]}``: the row ranges
         (inclusive) that did not commit and are absent from the output.
         """
-        from skybatch.client.api import Client
-
-        return Client.connect().reduce(str(job_id), self.to_spec())
+        if _partial_reduce is None:
+            raise SkyBatchError("reduce_results needs the skybatch client: import skybatch")
+        return _partial_reduce(str(job_id), self.to_spec())
 
     # -- helpers for subclasses ------------------------------------------------------
 

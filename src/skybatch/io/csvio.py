@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from skybatch import defaults
+from skybatch.batches import BatchPlan, Part
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, Part
 from skybatch.io.files import FileReader, FileWriter
 
 __all__ = ["CsvReader", "CsvWriter"]
@@ -211,13 +211,7 @@ class CsvReader(FileReader):
             cut = end
             if rows == want:
                 break
-        mid = batch.start + cut
-        return [
-            BatchPlan(0, batch.file, batch.start, mid, batch.row_start, want, batch.line),
-            BatchPlan(
-                0, batch.file, mid, batch.end, batch.row_start + want, batch.row_count - want, line
-            ),
-        ]
+        return batch.halved(batch.start + cut, want, line)
 
 
 class CsvWriter(FileWriter):

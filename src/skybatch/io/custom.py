@@ -141,13 +141,13 @@ def _import(ref: dict[str, Any]) -> type | None:
 
 
 def _exec(ref: dict[str, Any], base: type, key: str) -> type:
-    import skybatch
-
     # A real module: @dataclass and pickle look the class's module up in sys.modules.
     module = types.ModuleType(f"_skybatch_custom_{key[:16]}")
     sys.modules[module.__name__] = module
     namespace = module.__dict__
-    namespace["skybatch"] = skybatch
+    # The public package, for sources that name it without importing it. Looked up, not
+    # imported: io sits below it, and it is always loaded before any of its modules.
+    namespace["skybatch"] = sys.modules["skybatch"]
     for statement in (ref.get("imports") or "").splitlines():
         # The module's imports, each on its own: one the server lacks (torch, say)
         # only matters if the class uses it here.

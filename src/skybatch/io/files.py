@@ -10,9 +10,10 @@ from typing import Any
 
 import fsspec.core
 
+from skybatch.batches import Part
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import InputReader, OutputWriter, Part, content_stamp
+from skybatch.io.base import InputReader, OutputWriter, content_stamp
 
 __all__ = ["FileReader", "FileWriter", "normalize_columns"]
 

@@ -5,19 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from skybatch.batches import Part
 from skybatch.errors import OutputError
 from skybatch.io import storage
-from skybatch.io.base import OutputWriter, Part
+from skybatch.io.base import OutputWriter
+from skybatch.runner.codec import unpack_files
 
 __all__ = ["ImageWriter"]
 
 _FORMATS = ("png", "jpeg", "webp")
-
-
-def _unpack(data: bytes) -> list[tuple[str, bytes]]:
-    from skybatch.agent.encode import unpack_files
-
-    return unpack_files(data)
 
 
 class ImageWriter(OutputWriter):
@@ -106,7 +102,7 @@ class ImageWriter(OutputWriter):
 
     def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
         part = self.part_path(job_id, batch, attempt)
-        files = {storage.join(part, name): blob for name, blob in _unpack(data)}
+        files = {storage.join(part, name): blob for name, blob in unpack_files(data)}
         fs, _ = storage.filesystem(part, self.storage_options)
         with storage.translate_errors(part, "write images to", OutputError):
             if storage.is_local(part):

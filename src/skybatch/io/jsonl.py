@@ -13,9 +13,9 @@ import fsspec.utils
 import orjson
 
 from skybatch import defaults
+from skybatch.batches import BatchPlan
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan
 from skybatch.io.files import FileReader, FileWriter
 
 __all__ = ["JsonReader", "JsonWriter"]
@@ -129,13 +129,7 @@ class JsonReader(FileReader):
             line += 1
             if rows == want:
                 break
-        cut = batch.start + pos
-        return [
-            BatchPlan(0, batch.file, batch.start, cut, batch.row_start, want, batch.line),
-            BatchPlan(
-                0, batch.file, cut, batch.end, batch.row_start + want, batch.row_count - want, line
-            ),
-        ]
+        return batch.halved(batch.start + pos, want, line)
 
 
 def _compression(url: str) -> str | None:

@@ -10,9 +10,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from skybatch.batches import BatchPlan, Part
 from skybatch.errors import InputError, OutputError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, Part
 from skybatch.io.files import FileReader, FileWriter, normalize_columns
 
 __all__ = ["ParquetReader", "ParquetWriter"]

@@ -11,7 +11,8 @@
     setup: pip install vllm # runs once per worker, cached by its text
     envs: {HF_HOME: /data}  # environment of setup and mapper
     workdir: ./src          # copied to each worker; the mapper can import from it
-    provider: local         # where workers run (local is the default)
+    provider: local         # where workers run (local is the default), or a mapping
+                            # {type: NAME, ...} with the provider's own fields
 
 Errors name the file, the line, the field and what is allowed.
 """
@@ -22,12 +23,21 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+)
 
 from skybatch.errors import ConfigError, PoolSpecError
+from skybatch.pools import registry
 
 __all__ = [
     "MAX_JOB_NAME",
@@ -36,6 +46,7 @@ __all__ = [
     "job_name_error",
     "load_pool_file",
     "parse_pool_spec",
+    "validate_pool_spec",
 ]
 
 # Names end up in paths, log lines and one-line tables: fullmatch, since `$` would
@@ -133,7 +144,14 @@ class PoolSpec(_Strict):
     setup: str | None = None
     envs: dict[str, str] = {}
     workdir: str | None = None
-    provider: Literal["local"] = "local"
+    # Each provider validates its own fields (registry.parse_config); SerializeAsAny
+    # dumps them too, so the server re-validates exactly what the client checked.
+    provider_config: Annotated[
+        SerializeAsAny[registry.ProviderConfig],
+        WrapValidator(lambda value, _: registry.parse_config(value)),
+    ] = Field("local", alias="provider", validate_default=True)
+
+    model_config = ConfigDict(validate_by_name=True, serialize_by_alias=True)
 
     @field_validator("envs", mode="before")
     @classmethod
@@ -154,6 +172,11 @@ class PoolSpec(_Strict):
     @property
     def workers(self) -> int:
         return self.pool.workers
+
+    @property
+    def provider(self) -> str:
+        """The provider's name (``type``)."""
+        return self.provider_config.type
 
     def setup_hash(self) -> str:
         """Identifies the setup a worker ran: same text and envs, no re-run."""
@@ -183,17 +206,28 @@ def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _allowed(loc: tuple[Any, ...]) -> list[str]:
+def _fields(model: Any) -> dict[str, Any]:
+    """A model's fields by the names YAML spells them (aliases)."""
+    fields = getattr(model, "model_fields", {})
+    return {field.alias or name: field for name, field in fields.items()}
+
+
+def _allowed(loc: tuple[Any, ...], data: Any) -> list[str]:
+    if loc[:-1] == ("provider",):
+        try:
+            return list(_fields(registry.provider_class(data["provider"]["type"]).config_model))
+        except (ValueError, KeyError, TypeError, ValidationError):
+            return []
     model: Any = PoolSpec
     for key in loc[:-1]:
-        field = model.model_fields.get(str(key)) if hasattr(model, "model_fields") else None
+        field = _fields(model).get(str(key))
         if field is None or not isinstance(field.annotation, type):
             return []
         model = field.annotation
-    return list(getattr(model, "model_fields", {}))
+    return list(_fields(model))
 
 
-def _format(e: ValidationError, source: str, root: yaml.Node | None) -> str:
+def _format(e: ValidationError, source: str, root: yaml.Node | None, data: Any) -> str:
     messages = []
     for err in e.errors():
         loc = tuple(err["loc"])
@@ -201,7 +235,7 @@ def _format(e: ValidationError, source: str, root: yaml.Node | None) -> str:
         line = _line_of(root, loc)
         where = f"{source} line {line}" if line else source
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed(loc))
+            allowed = ", ".join(_allowed(loc, data))
             messages.append(f"{where}: unknown field '{field}'; allowed here: {allowed}")
         elif err["type"] == "missing":
             messages.append(f"{where}: missing required field '{field}'")
@@ -211,6 +245,14 @@ def _format(e: ValidationError, source: str, root: yaml.Node | None) -> str:
             msg = str(err["msg"]).removeprefix("Value error, ")
             messages.append(f"{where}: {field}: {msg}")
     return "; ".join(messages)
+
+
+def validate_pool_spec(data: Any, source: str = "pool spec") -> PoolSpec:
+    """A pool spec that came as data (the API's body): errors name the field, no line."""
+    try:
+        return PoolSpec.model_validate(data)
+    except ValidationError as e:
+        raise PoolSpecError(_format(e, source, None, data)) from None
 
 
 def parse_pool_spec(text: str, source: str = "pool YAML", base_dir: str | None = None) -> PoolSpec:
@@ -231,7 +273,7 @@ def parse_pool_spec(text: str, source: str = "pool YAML", base_dir: str | None =
     try:
         spec = PoolSpec.model_validate(data)
     except ValidationError as e:
-        raise PoolSpecError(_format(e, source, root)) from None
+        raise PoolSpecError(_format(e, source, root, data)) from None
     if spec.workdir is not None:
         path = Path(os.path.expanduser(spec.workdir))
         if not path.is_absolute():

@@ -17,10 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from skybatch.batches import lease_to_wire
 from skybatch.errors import ConfigError, SkyBatchError
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService
-from skybatch.server.models import (
+from skybatch.server.pools import PoolService
+from skybatch.wire import (
     INT64_MAX,
     FailRequest,
     HealthReport,
@@ -29,7 +31,6 @@ from skybatch.server.models import (
     Register,
     SetupFailed,
 )
-from skybatch.server.pools import PoolService
 
 __all__ = ["agent_routes"]
 
@@ -97,21 +98,7 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
         got = await jobs.lease(worker_id, worker.pool, body.prefetch, body.wait)
         if got is None:
             return {"lease": None}
-        b = got.batch
-        return {
-            "lease": {
-                "attempt": got.attempt,
-                "job_id": got.job_id,
-                "index": b.index,
-                "file": b.file,
-                "start": b.start,
-                "end": b.end,
-                "row_start": b.row_start,
-                "row_count": b.row_count,
-                "generation": got.generation,
-                "line": b.line,
-            }
-        }
+        return {"lease": lease_to_wire(got.attempt, got.job_id, got.generation, got.batch)}
 
     async def job_spec(request: Request) -> Any:
         job = jobs.get(_int(request, "job"))

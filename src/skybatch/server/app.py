@@ -15,15 +15,17 @@ from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
-import skybatch
 from skybatch import defaults
 from skybatch.errors import ConfigError, SkyBatchError
 from skybatch.server.agent_api import agent_routes
 from skybatch.server.context import Context
-from skybatch.server.daemon import reopen_log, restore_home
 from skybatch.server.guard import Guard
+from skybatch.server.homefiles import reopen_log, restore_home
 from skybatch.server.jobs import JobService
-from skybatch.server.models import (
+from skybatch.server.pools import PoolService
+from skybatch.server.retention import prune_jobs
+from skybatch.version import __version__
+from skybatch.wire import (
     INT64_MAX,
     JobSubmit,
     JobView,
@@ -35,8 +37,6 @@ from skybatch.server.models import (
     ReduceResult,
     ResumeRequest,
 )
-from skybatch.server.pools import PoolService
-from skybatch.server.retention import prune_jobs
 
 __all__ = ["create_app"]
 
@@ -126,7 +126,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     app = FastAPI(
         title="skybatch",
-        version=skybatch.__version__,
+        version=__version__,
         lifespan=lifespan,
         # The schema is served behind the token (/v1/openapi.json), docs pages not at all.
         openapi_url=None,
@@ -168,7 +168,7 @@ def create_app(ctx: Context) -> FastAPI:
             "pid": os.getpid(),
             "url": ctx.url,
             "home": str(ctx.home.root),
-            "version": skybatch.__version__,
+            "version": __version__,
         }
 
     @api.get("/openapi.json", include_in_schema=False)

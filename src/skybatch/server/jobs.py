@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from skybatch import defaults
+from skybatch.batches import Part
 from skybatch.errors import (
     ConfigError,
     ConflictError,
@@ -33,11 +34,10 @@ from skybatch.errors import (
     SkyBatchError,
 )
 from skybatch.io import storage
-from skybatch.io.base import InputReader, OutputWriter, Part, reader_from_spec, writer_from_spec
+from skybatch.io.base import InputReader, OutputWriter, reader_from_spec, writer_from_spec
 from skybatch.io.files import FileReader
 from skybatch.io.jsonl import JsonReader, JsonWriter
 from skybatch.server.context import Context
-from skybatch.server.models import JobSubmit, JobView
 from skybatch.server.store import (
     JobRecord,
     Lease,
@@ -47,6 +47,7 @@ from skybatch.server.store import (
     overlap,
 )
 from skybatch.states import JobStatus, PoolStatus
+from skybatch.wire import JobSubmit, JobView
 
 __all__ = ["JobService", "job_view"]
 
@@ -804,16 +805,29 @@ class JobService:
         if job is None or job.status.finished:
             return
         message = reason if reason is not None else self._failure_message(job)
-        message = f"{message}\n{await asyncio.to_thread(self._recovery_hint, job)}"
-        if job.committed_batches:
-            if self.ctx.store.set_job_status(job_id, JobStatus.FAILED, self.ctx.clock(), message):
-                log.info("job %d failed", job_id)
+        self._finishing.add(job_id)  # readers get the job once its error is complete
+        try:
+            # Stop the job first: no commit lands after this, so the counts read next
+            # are final and the hint never claims more (or fewer) batches than are kept.
+            if not self.ctx.store.set_job_status(
+                job_id, JobStatus.FAILED, self.ctx.clock(), message
+            ):
+                return
+            log.info("job %d failed", job_id)
+            job = self.get(job_id)
+            hint = await asyncio.to_thread(self._recovery_hint, job)
+            self.ctx.store.set_job_error(job_id, f"{message}\n{hint}")
+            if not job.committed_batches:
+                # Nothing to recover: leave no staging area behind.
+                writers = self.writers(job)
+                self._writers.pop(job_id, None)
+                await asyncio.to_thread(
+                    self._cleanup, writers, job_id, reader_from_spec(job.spec["reader"])
+                )
             await asyncio.to_thread(_remove_made_dirs, job.spec)
+        finally:
+            self._finishing.discard(job_id)
             self._notify(job)
-            return
-        # Nothing to recover: leave no staging area behind.
-        await self._finish(job, JobStatus.FAILED, message)
-        log.info("job %d failed", job_id)
 
     async def _finish(self, job: JobRecord, status: JobStatus, message: str | None = None) -> None:
         """Record the job's final status, then remove its staging area; waiters wake after."""

@@ -7,18 +7,16 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from pydantic import ValidationError
-
 from skybatch import defaults
-from skybatch.errors import ConflictError, NotFoundError, PoolSpecError
-from skybatch.pools import Provider, provider_for
-from skybatch.pools.base import WorkerLaunch
-from skybatch.pools.spec import PoolSpec, check_pool_name
+from skybatch.errors import ConflictError, NotFoundError
+from skybatch.pools.providers.base import Provider, WorkerLaunch, provider_for
+from skybatch.pools.registry import ProviderConfig, parse_config
+from skybatch.pools.spec import PoolSpec, check_pool_name, validate_pool_spec
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService
-from skybatch.server.models import PoolView, WorkerView
 from skybatch.server.store import PoolRecord, WorkerRecord
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
+from skybatch.wire import PoolView, WorkerView
 
 __all__ = ["PoolService"]
 
@@ -27,19 +25,26 @@ log = logging.getLogger("skybatch.server")
 #: A worker that dies this many times in a row before becoming ready fails its pool.
 _MAX_EARLY_DEATHS = 3
 
+#: Liveness checks in flight at once: each holds a thread while it waits (on a network
+#: round trip, for a remote provider), and the threads are shared with launches and stops.
+_ALIVE_CHECKS = 8
+
 
 class PoolService:
     def __init__(self, ctx: Context, jobs: JobService) -> None:
         self.ctx = ctx
         self.jobs = jobs
+        # One provider per distinct `provider:` section, kept: the local one
+        # remembers the agents it started, a remote one its connections.
         self._providers: dict[str, Provider] = {}
         self._early_deaths: dict[tuple[str, int], int] = defaultdict(int)
         self._lock = asyncio.Lock()
 
-    def provider(self, name: str) -> Provider:
-        if name not in self._providers:
-            self._providers[name] = provider_for(name)
-        return self._providers[name]
+    def provider(self, config: ProviderConfig) -> Provider:
+        key = config.model_dump_json()
+        if key not in self._providers:
+            self._providers[key] = provider_for(config)
+        return self._providers[key]
 
     def get(self, name: str) -> PoolRecord:
         pool = self.ctx.store.get_pool(name)
@@ -90,10 +95,7 @@ class PoolService:
 
     async def apply(self, name: str, raw_spec: dict[str, Any]) -> PoolRecord:
         check_pool_name(name)
-        try:
-            spec = PoolSpec.model_validate(raw_spec)
-        except ValidationError as e:
-            raise PoolSpecError(f"invalid pool spec: {e.errors()[0]['msg']}") from None
+        spec = validate_pool_spec(raw_spec, "invalid pool spec")
         async with self._lock:
             store = self.ctx.store
             old = store.get_pool(name)
@@ -119,7 +121,7 @@ class PoolService:
             await self._stop(self.ctx.store.list_workers(name, live_only=True), "pool down")
             self.ctx.store.delete_pool(name)
             spec = PoolSpec.model_validate(pool.spec)
-            await asyncio.to_thread(self.provider(spec.provider).remove, name, self.ctx.home)
+            await asyncio.to_thread(self.provider(spec.provider_config).remove, name, self.ctx.home)
         self.ctx.notifier.notify(("pool-status", name))
         log.info("pool %s is down", name)
 
@@ -167,7 +169,7 @@ class PoolService:
             home=self.ctx.home,
         )
         try:
-            handle = await asyncio.to_thread(self.provider(spec.provider).launch, launch)
+            handle = await asyncio.to_thread(self.provider(spec.provider_config).launch, launch)
         except Exception as e:
             log.exception("launching worker %d of pool %s failed", index, pool)
             store.set_worker(
@@ -189,7 +191,7 @@ class PoolService:
         await asyncio.gather(
             *(
                 asyncio.to_thread(
-                    self.provider(self._provider_of(w)).terminate, w.handle, defaults.KILL_GRACE
+                    self.provider(self._config_of(w)).terminate, w.handle, defaults.KILL_GRACE
                 )
                 for w in workers
             )
@@ -205,9 +207,9 @@ class PoolService:
             self.ctx.notifier.notify(("pool", w.pool))
         await self.jobs.handle_exhausted(exhausted)
 
-    def _provider_of(self, worker: WorkerRecord) -> str:
+    def _config_of(self, worker: WorkerRecord) -> ProviderConfig:
         pool = self.ctx.store.get_pool(worker.pool)
-        return PoolSpec.model_validate(pool.spec).provider if pool else "local"
+        return PoolSpec.model_validate(pool.spec).provider_config if pool else parse_config("local")
 
     def _update_status(self, name: str) -> None:
         store = self.ctx.store
@@ -296,13 +298,22 @@ class PoolService:
         for pool_name in pools:
             self.ctx.notifier.notify(("pool", pool_name))
         await self.jobs.handle_exhausted(exhausted)
-        dead = [
-            w
-            for w in store.list_workers(live_only=True)
-            if w.handle and not self.provider(self._provider_of(w)).is_alive(w.handle)
-        ]
-        for w in dead:
+        for w in await self._dead_workers():
             await self._lost(w)
+
+    async def _dead_workers(self) -> list[WorkerRecord]:
+        """Live workers whose provider says their agent is gone, asked off the event loop:
+        a remote provider's check is a network round trip that would stall every lease."""
+        workers = [w for w in self.ctx.store.list_workers(live_only=True) if w.handle]
+        bound = asyncio.Semaphore(_ALIVE_CHECKS)
+
+        async def alive(w: WorkerRecord) -> bool:
+            provider = self.provider(self._config_of(w))
+            async with bound:
+                return await asyncio.to_thread(provider.is_alive, w.handle)
+
+        verdicts = await asyncio.gather(*(alive(w) for w in workers))
+        return [w for w, is_alive in zip(workers, verdicts, strict=True) if not is_alive]
 
     async def _lost(self, w: WorkerRecord) -> None:
         store = self.ctx.store

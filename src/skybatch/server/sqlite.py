@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
+from skybatch.batches import BatchPlan, Part
 from skybatch.errors import DiskFullError, ServerError, SkyBatchError
-from skybatch.io.base import BatchPlan, Part
 from skybatch.server import scheduler
 from skybatch.server.store import (
     AttemptRecord,
@@ -564,6 +564,10 @@ class SqliteStore(Store):
                     (job_id,),
                 )
             return True
+
+    def set_job_error(self, job_id: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET error=?, version=version+1 WHERE id=?", (error, job_id))
 
     def reopen_job(
         self,

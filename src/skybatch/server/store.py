@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skybatch.batches import BatchPlan, Part
 from skybatch.errors import ConflictError
 from skybatch.io import storage
-from skybatch.io.base import BatchPlan, Part
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
 
 __all__ = [
@@ -260,6 +260,10 @@ class Store(abc.ABC):
         Leaving the running states revokes the job's leases and puts their
         batches back to PENDING, so a resume redoes them.
         """
+
+    @abc.abstractmethod
+    def set_job_error(self, job_id: int, error: str) -> None:
+        """Replace a job's error text (a failed job's, once its final counts are known)."""
 
     @abc.abstractmethod
     def reopen_job(

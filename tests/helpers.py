@@ -1,4 +1,9 @@
-"""Fixtures: real deployments (server and agent processes), stopped by PID afterwards."""
+"""What tests share: waiting, JSONL files, a real deployment (server and
+agent processes, stopped by PID afterwards), and a small tmpfs.
+
+Importable (``from tests.helpers import ...``); the fixtures built on these live
+in ``tests/e2e/conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,15 +23,21 @@ import psutil
 import pytest
 
 from skybatch.client.api import close_clients
-from skybatch.config import Home
-from skybatch.server.daemon import read_server_info, stop_server
-from tests.storage_servers import GcsServer, S3Server, fake_gcs, seaweedfs
+from skybatch.client.launcher import stop_server
+from skybatch.config import Home, read_server_info
+
+__all__ = [
+    "REPO",
+    "Deployment",
+    "deployment_at",
+    "read_jsonl",
+    "server",
+    "tmpfs",
+    "wait_for",
+    "write_jsonl",
+]
 
 REPO = Path(__file__).resolve().parent.parent
-
-# gcsfs reads this when imported (by any process: the tests, the server, agents):
-# without it every bucket of the GCS emulator hangs 60 s on a namespace probe.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def wait_for(
@@ -131,52 +141,34 @@ def deployment_at(root: Path) -> Iterator[Deployment]:
             d.stop()
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    """A fresh deployment for one test."""
-    with deployment_at(tmp_path / "home") as d:
-        yield d
+def server(d: Deployment) -> tuple[str, dict[str, str], int]:
+    """URL, the token header, and the server's pid."""
+    info = json.loads(d.home.server_file.read_text())
+    token = d.home.token_file.read_text().strip()
+    return info["url"], {"Authorization": f"Bearer {token}"}, info["pid"]
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """A deployment with a 3-worker pool named ``pool``, shared by a module's tests."""
-    with deployment_at(tmp_path_factory.mktemp("shared") / "home") as d:
-        d.pool("pool", workers=3)
-        yield d
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS for the session; the AWS environment variables point at it, so
-    deployments started afterwards find it through the standard credential chain."""
-    with (
-        seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server,
-        pytest.MonkeyPatch.context() as mp,
-    ):
-        for key, value in server.env().items():
-            mp.setenv(key, value)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
-    """fake-gcs-server for the session, found through ``STORAGE_EMULATOR_HOST``."""
-    with (
-        fake_gcs(tmp_path_factory.mktemp("fake-gcs")) as server,
-        pytest.MonkeyPatch.context() as mp,
-    ):
-        for key, value in server.env().items():
-            mp.setenv(key, value)
-        yield server
-
-
-@pytest.fixture
-def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def script(path: Path, body: str) -> Path:
-    path.write_text(textwrap.dedent(body))
-    return path
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, mode: int = 0o1777, busy_wait: float = 0.0) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (made if missing); the test is skipped
+    where mounting is not allowed. Unmounting waits up to ``busy_wait`` seconds for
+    the mount to be free (a deployment's processes stopping), then detaches it lazily."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode:o}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + busy_wait
+        while subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            if time.monotonic() >= deadline:
+                subprocess.run(["umount", "-l", str(path)], check=False)
+                break
+            time.sleep(0.2)

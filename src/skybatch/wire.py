@@ -1,4 +1,8 @@
-"""Request and response bodies of the HTTP API (they make the OpenAPI schema)."""
+"""Request and response bodies of the HTTP API (they make the OpenAPI schema).
+
+Shared by the client, the server and the agent, so each body is defined once;
+a batch's lease, sent once per batch, is a plain dict (``batches.LeaseBody``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,28 @@ from pydantic import BaseModel, Field, field_validator
 
 from skybatch import defaults
 from skybatch.pools.spec import job_name_error
+
+__all__ = [
+    "INT64_MAX",
+    "FailRequest",
+    "HealthReport",
+    "Heartbeat",
+    "Id",
+    "JobSubmit",
+    "JobView",
+    "LeaseRequest",
+    "LogChunk",
+    "LogsView",
+    "MapperSpec",
+    "PoolApply",
+    "PoolView",
+    "ReduceRequest",
+    "ReduceResult",
+    "Register",
+    "ResumeRequest",
+    "SetupFailed",
+    "WorkerView",
+]
 
 #: Ids and counts are SQLite integers: past this they would overflow (a 500), so
 #: the models refuse them (a 422 naming the field).

@@ -10,22 +10,30 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import psutil
 
 from skybatch.config import Home
-from skybatch.pools.base import Provider, WorkerLaunch
+from skybatch.pools.providers.base import Provider, WorkerLaunch
+from skybatch.pools.registry import ProviderConfig
 
-__all__ = ["LocalProvider"]
+__all__ = ["LocalConfig", "LocalProvider"]
+
+
+class LocalConfig(ProviderConfig):
+    """``provider: local`` takes no fields: workers run on the server's machine."""
+
+    type: Literal["local"] = "local"
 
 
 class LocalProvider(Provider):
     """Workers are agent processes, each in its own session and working directory."""
 
-    name = "local"
+    config_model: ClassVar[type[ProviderConfig]] = LocalConfig
 
-    def __init__(self) -> None:
+    def __init__(self, config: ProviderConfig | None = None) -> None:
+        super().__init__(config or LocalConfig())
         # Children of this server are reaped through their Popen; agents that
         # outlived a previous server are found again by pid and start time.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -76,6 +84,9 @@ class LocalProvider(Provider):
         return {"pid": proc.pid, "create_time": created, "dir": str(workdir)}
 
     def is_alive(self, handle: dict[str, Any]) -> bool:
+        return self._running(handle)
+
+    def _running(self, handle: dict[str, Any]) -> bool:
         pid = handle.get("pid")
         if not pid:
             return False
@@ -97,13 +108,13 @@ class LocalProvider(Provider):
 
     def terminate(self, handle: dict[str, Any], grace: float) -> None:
         pid = handle.get("pid")
-        if not pid or not self.is_alive(handle):
+        if not pid or not self._running(handle):
             return
         # The agent leads its own session: the signal reaches its runners too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and self.is_alive(handle):
+        while time.monotonic() < deadline and self._running(handle):
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)

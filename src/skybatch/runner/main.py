@@ -31,20 +31,20 @@ from typing import Any, BinaryIO
 _HEAD = struct.Struct(">II")
 
 
-def _load_encode() -> types.ModuleType:
-    """encode.py, beside this file, loaded by path: putting skybatch/agent/ on
-    sys.path would let its modules shadow the user's (``process``, ``agent``)."""
+def _load_codec() -> types.ModuleType:
+    """codec.py, beside this file, loaded by path: putting skybatch/runner/ on
+    sys.path would let its modules shadow the user's (``main``, ``codec``)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "encode.py")
-    spec = importlib.util.spec_from_file_location("_skybatch_encode", path)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "codec.py")
+    spec = importlib.util.spec_from_file_location("_skybatch_codec", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_encode = _load_encode()
+_codec = _load_codec()
 
 
 def write_frame(stream: BinaryIO, header: dict[str, Any], payload: bytes = b"") -> None:
@@ -194,12 +194,12 @@ class Session:
                 )
         try:
             names = {
-                w["column"]: _encode.image_names(results, w, cur.row_start)
+                w["column"]: _codec.image_names(results, w, cur.row_start)
                 for w in self.writers
                 if w["format"] == "image"
             }
-            parts = [_encode.encode_part(results, w, names) for w in self.writers]
-        except _encode.ResultError as e:
+            parts = [_codec.encode_part(results, w, names) for w in self.writers]
+        except _codec.ResultError as e:
             raise MapperContractError(
                 f"{cur.label()}: result {e.row} (input row {cur.row_start + e.row}) {e}"
             ) from None
@@ -252,7 +252,7 @@ def main() -> int:
     rfd, wfd = (int(x) for x in os.environ["SKYBATCH_RUNNER_FDS"].split(","))
     rfile = os.fdopen(rfd, "rb")
     wfile = os.fdopen(wfd, "wb")
-    # The runner lives in skybatch/agent/; the user's modules live in the worker dir.
+    # The runner lives in skybatch/runner/; the user's modules live in the worker dir.
     sys.path[0] = os.getcwd()
     threading.Thread(target=_watch_parent, daemon=True).start()
     first = read_frame(rfile)

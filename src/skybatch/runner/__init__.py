@@ -1,0 +1,7 @@
+"""The runner: the process that runs the user's mapper on a worker, one per job.
+
+Standard library only, and no imports from skybatch: the agent starts ``main.py``
+by its path, in the user's environment (where skybatch may not be installed),
+and ``main.py`` loads ``codec.py`` from beside it. The agent and the server's
+image writer import these modules for the frame format and the codec.
+"""
