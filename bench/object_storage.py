@@ -118,7 +118,7 @@ def main() -> None:
         from skybatch.client.api import close_clients
         from skybatch.client.launcher import stop_server
         from skybatch.config import home, read_server_info
-        from skybatch.io.jsonl import JsonReader
+        from skybatch.io.formats.jsonl import JsonReader
 
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("bench")

@@ -45,14 +45,14 @@ from skybatch.errors import (
     SkyBatchError,
 )
 from skybatch.io.base import InputReader, OutputWriter, set_partial_reduce
-from skybatch.io.csvio import CsvReader, CsvWriter
-from skybatch.io.images import ImageWriter
-from skybatch.io.jsonl import JsonReader, JsonWriter
+from skybatch.io.formats.csv import CsvReader, CsvWriter
+from skybatch.io.formats.images import ImageWriter
+from skybatch.io.formats.jsonl import JsonReader, JsonWriter
 from skybatch.states import JobStatus
 from skybatch.version import __version__
 
 if TYPE_CHECKING:
-    from skybatch.io.parquetio import ParquetReader, ParquetWriter
+    from skybatch.io.formats.parquet import ParquetReader, ParquetWriter
 
 __all__ = [
     "AuthError",
@@ -101,7 +101,7 @@ set_partial_reduce(partial_reduce)
 def __getattr__(name: str) -> Any:
     # Parquet needs pyarrow, slow to import: load it when a script first uses it.
     if name in ("ParquetReader", "ParquetWriter"):
-        from skybatch.io import parquetio
+        from skybatch.io.formats import parquet
 
-        return getattr(parquetio, name)
+        return getattr(parquet, name)
     raise AttributeError(f"module 'skybatch' has no attribute {name!r}")

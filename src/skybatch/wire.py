@@ -19,6 +19,7 @@ __all__ = [
     "HealthReport",
     "Heartbeat",
     "Id",
+    "JobFields",
     "JobSubmit",
     "JobView",
     "LeaseRequest",
@@ -82,7 +83,10 @@ class ResumeRequest(BaseModel):
     job: JobSubmit | None = None
 
 
-class JobView(BaseModel):
+class JobFields(BaseModel):
+    """A job's fields, declared once: the server's record (``JobRecord``, one column
+    each) adds what only the server reads, and ``JobView`` what a view derives."""
+
     id: int
     name: str
     pool: str
@@ -100,7 +104,11 @@ class JobView(BaseModel):
     lost: int
     error: str | None
     version: int
+    #: Rows isolated as poison (``max_failed_rows``).
     failed_rows: int = 0
+
+
+class JobView(JobFields):
     outputs: list[str]
     #: What holds the running job back without failing it, e.g. a full disk (path and
     #: "no space left"); None when nothing does.

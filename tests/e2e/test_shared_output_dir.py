@@ -239,25 +239,31 @@ def test_a_reduce_that_server_restarts_keep_cutting_short_is_given_up(
     def job() -> skybatch.Job:
         return skybatch.Job(job_id)  # anew after each kill: the old client is closed
 
-    def temp_inode() -> int | None:
+    def temp_stamp() -> tuple[int, int] | None:
         names = [n for n in os.listdir(out_dir) if n.endswith(".tmp")]
-        return os.stat(out_dir / names[0]).st_ino if names else None
+        if not names:
+            return None
+        st = os.stat(out_dir / names[0])
+        return st.st_ino, st.st_ctime_ns
 
-    seen: set[int] = set()
+    left: tuple[int, int] | None = None  # the temp file as the last killed reduce left it
     for _ in range(2):  # the reduce's first run, then the one after the first restart
-        # A reduce runs when it makes its temp file anew (a new inode).
-        inode = wait_for(
-            lambda: job().info().status == "REDUCING" and (i := temp_inode()) not in seen and i,
+        # A reduce is running once the temp file changes from what the killed one left
+        # (an inode alone may be reused for the file made anew).
+        wait_for(
+            lambda gone=left: (
+                job().info().status == "REDUCING" and temp_stamp() not in (None, gone)
+            ),
             90,
             "a reduce writing its temp file",
         )
-        seen.add(inode)
         pid = deployment.server_pid()
         assert pid is not None
         server = psutil.Process(pid)
         os.kill(pid, signal.SIGKILL)
         server.wait(timeout=10)
         close_clients()
+        left = temp_stamp()
 
     # The third start does not run the reduce again: the job fails, saying why.
     with pytest.raises(skybatch.JobFailedError) as failed:

@@ -14,8 +14,8 @@ import pytest
 
 from skybatch import defaults
 from skybatch.errors import InputError
-from skybatch.io.csvio import CsvReader
-from skybatch.io.parquetio import ParquetReader
+from skybatch.io.formats.csv import CsvReader
+from skybatch.io.formats.parquet import ParquetReader
 
 
 def csv_rows(reader: CsvReader, batch_size: int) -> list[list[dict[str, str]]]:
@@ -103,7 +103,7 @@ def test_csv_record_longer_than_the_limit_names_line_and_byte(
 
 def csv_reference_plan(data: bytes, batch_size: int) -> list[tuple[int, int, int, int, int]]:
     """The whole file cut by ``_records`` at once: the planner's semantics, as the oracle."""
-    from skybatch.io.csvio import _records
+    from skybatch.io.formats.csv import _records
 
     out: list[tuple[int, int, int, int, int]] = []
     batch: list[int] | None = None

@@ -9,7 +9,7 @@ import pytest
 
 from skybatch import defaults
 from skybatch.errors import InputError
-from skybatch.io.jsonl import JsonReader
+from skybatch.io.formats.jsonl import JsonReader
 
 
 def rows_of(reader: JsonReader, batch_size: int) -> list[list[dict[str, object]]]:

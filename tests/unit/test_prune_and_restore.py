@@ -10,7 +10,7 @@ import pytest
 
 from skybatch.batches import BatchPlan
 from skybatch.errors import ServerError
-from skybatch.server.sqlite import SqliteStore
+from skybatch.server.store import SqliteStore
 from skybatch.states import JobStatus, WorkerStatus
 
 SPEC = {"max_retries": 1, "retry_backoff": 0.0, "writers": []}

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from skybatch.server.scheduler import Candidate, Verdict, backoff, choose_job, judge_failure
+from skybatch.server.scheduler import (
+    SPLIT_BASE,
+    Candidate,
+    Verdict,
+    backoff,
+    choose_job,
+    judge_failure,
+    signal_is_mapper_caused,
+    split_indices,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,3 +67,13 @@ def test_judge_failure(
     mapper: bool, failures: int, system: int, expected: tuple[Verdict, int, int, float]
 ) -> None:
     assert judge(mapper, failures, system) == expected
+
+
+def test_split_batches_count_up_from_the_split_base() -> None:
+    assert split_indices(0, 2) == [SPLIT_BASE, SPLIT_BASE + 1]
+    assert split_indices(2, 1) == [SPLIT_BASE + 2]
+
+
+def test_only_a_repeated_signal_death_is_the_mappers() -> None:
+    assert not signal_is_mapper_caused(0)
+    assert signal_is_mapper_caused(1) and signal_is_mapper_caused(3)

@@ -13,7 +13,7 @@ import pytest
 from skybatch.config import Home
 from skybatch.errors import OutputError
 from skybatch.io import storage
-from skybatch.io.jsonl import JsonWriter
+from skybatch.io.formats.jsonl import JsonWriter
 
 
 def test_staged_file_is_synced_before_the_rename_and_the_directory_after(

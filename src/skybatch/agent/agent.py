@@ -30,7 +30,8 @@ from skybatch.agent.process import Outcome, Output, RunnerProcess
 from skybatch.batches import BatchPlan, lease_from_wire
 from skybatch.config import Home, forbid_inspection
 from skybatch.errors import SkyBatchError
-from skybatch.io.base import InputReader, OutputWriter, reader_from_spec, writer_from_spec
+from skybatch.io.base import InputReader, OutputWriter
+from skybatch.io.registry import reader_from_spec, writer_from_spec
 
 __all__ = ["main"]
 

@@ -16,7 +16,7 @@ from skybatch.client.progress import JobProgress
 from skybatch.client.remote import RemoteFunction, remote_function
 from skybatch.errors import ConfigError, JobCancelledError, JobFailedError
 from skybatch.io.base import InputReader, OutputWriter
-from skybatch.io.jsonl import JsonWriter
+from skybatch.io.formats.jsonl import JsonWriter
 from skybatch.states import JobStatus
 from skybatch.wire import JobView
 

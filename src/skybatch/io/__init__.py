@@ -1,19 +1,9 @@
 """Input and output formats over storage.
 
-Parquet (``skybatch.io.parquetio``) is imported on first use: pyarrow is slow to import.
+``base.py`` holds the two interfaces (:class:`InputReader`, :class:`OutputWriter`),
+``formats/`` one module per built-in format, ``registry.py`` the spec ``kind``
+to class map (a format's module is imported on first use: Parquet's pyarrow
+is slow to import), ``custom.py`` the shipping of user-defined classes, and
+``storage.py`` the fsspec layer beneath them all. The public names are
+``skybatch``'s own (``skybatch.JsonReader``, ...).
 """
-
-from skybatch.io.base import InputReader, OutputWriter
-from skybatch.io.csvio import CsvReader, CsvWriter
-from skybatch.io.images import ImageWriter
-from skybatch.io.jsonl import JsonReader, JsonWriter
-
-__all__ = [
-    "CsvReader",
-    "CsvWriter",
-    "ImageWriter",
-    "InputReader",
-    "JsonReader",
-    "JsonWriter",
-    "OutputWriter",
-]

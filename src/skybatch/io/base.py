@@ -7,13 +7,12 @@ part (``write_part``, on the agent), merges the committed parts into the final
 output (``reduce``, on the server) and removes its staging area (``cleanup``).
 
 Readers and writers travel from the user's process to the server and the
-agents as specs: ``{"kind": ..., **fields}``.
+agents as specs: ``{"kind": ..., **fields}`` (``registry.py`` turns them back).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import pickle
 import shutil
@@ -23,18 +22,17 @@ from typing import IO, Any, ClassVar
 from skybatch.batches import BatchPlan, Part
 from skybatch.errors import ConfigError, InputError, OutputError, SkyBatchError
 from skybatch.io import storage
+from skybatch.runner import codec
 
 __all__ = [
     "InputReader",
     "OutputWriter",
     "PartialReduce",
-    "reader_from_spec",
+    "content_stamp",
     "set_partial_reduce",
-    "writer_from_spec",
 ]
 
 
-_READERS: dict[str, type[InputReader]] = {}
 #: Keys of fsspec's ``info`` that change when an object's content does, best first.
 _STAMPS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created")
 
@@ -44,8 +42,6 @@ def content_stamp(info: dict[str, Any]) -> list[Any]:
     stamp = next((info[k] for k in _STAMPS if info.get(k)), "")
     return [info.get("size"), str(stamp)]
 
-
-_WRITERS: dict[str, type[OutputWriter]] = {}
 
 #: ``(job id, writer spec) -> {"rows", "missing"}``: asks the server for a partial reduce.
 PartialReduce = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -86,18 +82,14 @@ class InputReader:
     ``read``, ``split``: byte ranges planned while streaming the input).
     """
 
+    #: The spec's ``kind``, by which ``registry.py`` finds the class.
     kind: ClassVar[str] = ""
-    #: How the runner decodes what ``read`` returns ("jsonl", "csv", or "records":
-    #: a pickle of the row dicts).
-    payload_format: ClassVar[str] = "records"
+    #: The codec tag (``runner/codec.py``) by which the runner decodes what ``read``
+    #: returns; by default a pickle of the row dicts.
+    payload_format: ClassVar[str] = codec.RECORDS
     #: Where :meth:`plan` may store data workers read (a compressed input's
     #: plain lines); chosen by the server at submit, beside the first output.
     scratch: str | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            _READERS[cls.kind] = cls
 
     # -- the Sky Batch interface -------------------------------------------------------
 
@@ -213,9 +205,9 @@ class OutputWriter:
     """
 
     kind: ClassVar[str] = ""
-    #: How the runner formats a part: "jsonl", "csv", "records" (a pickle of
-    #: plain rows, converted by the agent) or "image".
-    part_format: ClassVar[str] = "records"
+    #: The codec tag (``runner/codec.py``) by which the runner formats a part; by
+    #: default a pickle of plain rows, handed to :meth:`write_batch` by the agent.
+    part_format: ClassVar[str] = codec.RECORDS
     #: File extension of stored parts.
     part_ext: ClassVar[str] = "part"
 
@@ -227,11 +219,6 @@ class OutputWriter:
     #: collide, get staging areas of their own. None in the user's process (the
     #: id is read from its SKYBATCH_HOME); "" for jobs submitted before ids.
     _staging: str | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            _WRITERS[cls.kind] = cls
 
     # -- the interface of a writer of your own ------------------------------------------
 
@@ -476,46 +463,3 @@ class OutputWriter:
             for n, part in enumerate(parts)
         ]
         return storage.StagedMoves(self.path, moves, self.storage_options)
-
-
-#: Formats whose module is imported on first use (pyarrow takes a while to import).
-_LAZY = {"parquet": "skybatch.io.parquetio"}
-
-
-def _load_kind(kind: str) -> None:
-    module = _LAZY.get(kind)
-    if module is not None:
-        importlib.import_module(module)
-
-
-def reader_from_spec(spec: dict[str, Any]) -> InputReader:
-    kind = spec.get("kind", "")
-    if kind == "custom":
-        from skybatch.io.custom import from_custom_spec
-
-        reader: InputReader = from_custom_spec(spec, InputReader)
-        return reader
-    if kind not in _READERS:
-        _load_kind(kind)
-    cls = _READERS.get(kind)
-    if cls is None:
-        raise ValueError(f"unknown reader kind {kind!r}; known: {', '.join(sorted(_READERS))}")
-    return cls.from_spec(spec)
-
-
-def writer_from_spec(spec: dict[str, Any]) -> OutputWriter:
-    kind = spec.get("kind", "")
-    if kind == "custom":
-        from skybatch.io.custom import from_custom_spec
-
-        writer: OutputWriter = from_custom_spec(spec, OutputWriter)
-    else:
-        if kind not in _WRITERS:
-            _load_kind(kind)
-        cls = _WRITERS.get(kind)
-        if cls is None:
-            raise ValueError(f"unknown writer kind {kind!r}; known: {', '.join(sorted(_WRITERS))}")
-        writer = cls.from_spec(spec)
-    # object.__setattr__: a custom writer may be a frozen dataclass.
-    object.__setattr__(writer, "_staging", spec.get("_staging", ""))
-    return writer

@@ -2,6 +2,7 @@
 
 Standard library only, and no imports from skybatch: the agent starts ``main.py``
 by its path, in the user's environment (where skybatch may not be installed),
-and ``main.py`` loads ``codec.py`` from beside it. The agent and the server's
-image writer import these modules for the frame format and the codec.
+and ``main.py`` loads ``codec.py`` from beside it. The agent imports ``main.py``
+for the frame format; ``io/`` imports ``codec.py`` for the format tags (and the
+image writer for :func:`~skybatch.runner.codec.unpack_files`).
 """

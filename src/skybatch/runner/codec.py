@@ -1,17 +1,20 @@
-"""Result rows to one part per output, in each output's format.
+"""The runner's codec: a batch's payload to rows, and result rows to one part per output.
 
 Standard library only: the runner loads this file in the user's environment,
 where skybatch may not be installed. numpy and PIL are never imported here; a
 value is recognised by its type's module, since a mapper that returns a numpy
 array or a PIL image has those libraries already.
 
-Part formats:
+Both directions are keyed by a format's *tag*, one constant below; a format
+module (``skybatch/io/formats/``) names its tag as its reader's
+``payload_format`` and its writer's ``part_format``, and the agent passes it on:
 
-- ``jsonl``: one JSON line per row.
-- ``csv``: a header line, then one line per row (lists and dicts as JSON text).
-- ``records``: the rows as a pickle of plain Python values (numpy arrays as
-  lists, bytes kept), for outputs the agent converts (Parquet).
-- ``image``: encoded images with their file names (see :func:`pack_files`).
+- :data:`JSONL`: one JSON line per row.
+- :data:`CSV`: a header line, then one line per row (lists and dicts as JSON text).
+- :data:`RECORDS`: the rows as a pickle of plain Python values (numpy arrays as
+  lists, bytes kept): Parquet and custom formats, converted by the agent.
+- :data:`IMAGE` (parts only): encoded images with their file names (see
+  :func:`pack_files`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,27 @@ import io
 import json
 import pickle
 import struct
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "CSV",
+    "DECODERS",
+    "IMAGE",
+    "JSONL",
+    "RECORDS",
     "ResultError",
     "encode_part",
     "image_names",
     "pack_files",
     "unpack_files",
 ]
+
+#: The format tags (see the module docstring).
+JSONL = "jsonl"
+CSV = "csv"
+RECORDS = "records"
+IMAGE = "image"
 
 _LEN = struct.Struct(">I")
 _PLAIN = (str, int, float, bool, type(None))
@@ -253,7 +268,7 @@ def encode_part(
     """One output's part of a batch. ``names``: image column -> file names, which replace
     the images in every output that is not the ImageWriter of that column."""
     fmt = spec["format"]
-    if fmt == "image":
+    if fmt == IMAGE:
         return _encode_images(rows, spec, names[spec["column"]])
     columns = spec.get("columns")
     rows = _select(rows, columns)
@@ -262,10 +277,33 @@ def encode_part(
             {k: (names[k][i] if k in names else v) for k, v in row.items()}
             for i, row in enumerate(rows)
         ]
-    if fmt == "jsonl":
+    if fmt == JSONL:
         return _encode_jsonl(rows)
-    if fmt == "csv":
+    if fmt == CSV:
         return _encode_csv(rows, columns)
-    if fmt == "records":
+    if fmt == RECORDS:
         return _encode_records(rows)
     raise ValueError(f"unknown part format {fmt!r}")
+
+
+def _decode_jsonl(payload: bytes) -> list[dict[str, Any]]:
+    loads = json.loads
+    return [loads(line) for line in payload.split(b"\n") if line.strip()]
+
+
+def _decode_csv(payload: bytes) -> list[dict[str, Any]]:
+    text = io.StringIO(payload.decode("utf-8-sig"), newline="")
+    return [dict(row) for row in csv.DictReader(text)]
+
+
+def _decode_records(payload: bytes) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = pickle.loads(payload)  # from our own agent
+    return rows
+
+
+#: A reader's ``payload_format`` -> how the runner turns a batch's payload into rows.
+DECODERS: dict[str, Callable[[bytes], list[dict[str, Any]]]] = {
+    JSONL: _decode_jsonl,
+    CSV: _decode_csv,
+    RECORDS: _decode_records,
+}

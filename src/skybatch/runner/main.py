@@ -82,29 +82,6 @@ class MapperContractError(Exception):
     """The mapper broke the load()/save_results() contract."""
 
 
-def _decode_jsonl(payload: bytes) -> list[dict[str, Any]]:
-    loads = json.loads
-    return [loads(line) for line in payload.split(b"\n") if line.strip()]
-
-
-def _decode_csv(payload: bytes) -> list[dict[str, Any]]:
-    import csv
-    import io
-
-    text = io.StringIO(payload.decode("utf-8-sig"), newline="")
-    return [dict(row) for row in csv.DictReader(text)]
-
-
-def _decode_records(payload: bytes) -> list[dict[str, Any]]:
-    import pickle
-
-    rows: list[dict[str, Any]] = pickle.loads(payload)  # from our own agent
-    return rows
-
-
-_DECODERS = {"jsonl": _decode_jsonl, "csv": _decode_csv, "records": _decode_records}
-
-
 class _Batch:
     __slots__ = ("index", "row_start", "rows", "saved")
 
@@ -127,9 +104,9 @@ class Session:
         rfile: BinaryIO,
         wfile: BinaryIO,
         writers: list[dict[str, Any]],
-        payload_format: str = "jsonl",
+        payload_format: str = _codec.JSONL,
     ) -> None:
-        self.decode = _DECODERS[payload_format]
+        self.decode = _codec.DECODERS[payload_format]
         self.rfile = rfile
         self.wfile = wfile
         self.writers = writers
@@ -196,7 +173,7 @@ class Session:
             names = {
                 w["column"]: _codec.image_names(results, w, cur.row_start)
                 for w in self.writers
-                if w["format"] == "image"
+                if w["format"] == _codec.IMAGE
             }
             parts = [_codec.encode_part(results, w, names) for w in self.writers]
         except _codec.ResultError as e:
@@ -259,7 +236,7 @@ def main() -> int:
     if first is None:
         return 0
     init = first[0]
-    session = Session(rfile, wfile, init["writers"], init.get("payload_format", "jsonl"))
+    session = Session(rfile, wfile, init["writers"], init.get("payload_format", _codec.JSONL))
     try:
         fn, filename = _compile_mapper(init, session)
     except BaseException as e:

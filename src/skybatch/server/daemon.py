@@ -60,7 +60,7 @@ def serve(home: Home) -> int:
     from skybatch.server.app import create_app
     from skybatch.server.context import Context
     from skybatch.server.guard import HttpProtocol
-    from skybatch.server.sqlite import SqliteStore
+    from skybatch.server.store import SqliteStore
 
     home.ensure()
     forbid_inspection()  # mappers run as our user: keep them out of /proc/<server>/mem

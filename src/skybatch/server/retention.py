@@ -7,7 +7,7 @@ import math
 import shutil
 
 from skybatch.errors import ConfigError
-from skybatch.io.base import reader_from_spec, writer_from_spec
+from skybatch.io.registry import reader_from_spec, writer_from_spec
 from skybatch.server.context import Context
 from skybatch.server.store import JobRecord
 from skybatch.states import JobStatus

@@ -6,7 +6,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Candidate", "FailureOutcome", "Verdict", "backoff", "choose_job", "judge_failure"]
+__all__ = [
+    "SPLIT_BASE",
+    "Candidate",
+    "FailureOutcome",
+    "Verdict",
+    "backoff",
+    "choose_job",
+    "judge_failure",
+    "signal_is_mapper_caused",
+    "split_indices",
+]
+
+#: Batches made by splitting a failed batch get indices from here up, clear of planned ones.
+SPLIT_BASE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -79,3 +92,19 @@ def judge_failure(
     return FailureOutcome(
         Verdict.RETRY, failures, system_failures, now + backoff(failures, retry_backoff)
     )
+
+
+def signal_is_mapper_caused(signals: int) -> bool:
+    """Whether a runner killed by a signal the agent did not send counts as the mapper's
+    failure, given the batch's earlier such deaths.
+
+    One kill from outside (an operator, the OOM killer for another process's sake)
+    is not the mapper's fault; a batch whose runner dies again is.
+    """
+    return signals > 0
+
+
+def split_indices(splits: int, count: int) -> list[int]:
+    """Indices for ``count`` batches split from a failed one, after the job's ``splits``
+    earlier ones: never a planned batch's (the reduce orders parts by first row)."""
+    return [SPLIT_BASE + splits + k for k in range(count)]

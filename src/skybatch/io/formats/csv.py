@@ -10,7 +10,8 @@ from skybatch import defaults
 from skybatch.batches import BatchPlan, Part
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.files import FileReader, FileWriter
+from skybatch.io.formats.files import FileReader, FileWriter
+from skybatch.runner import codec
 
 __all__ = ["CsvReader", "CsvWriter"]
 
@@ -118,7 +119,7 @@ class CsvReader(FileReader):
     """
 
     kind = "csv"
-    payload_format = "csv"
+    payload_format = codec.CSV
     example = "data.csv"
 
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -224,7 +225,7 @@ class CsvWriter(FileWriter):
     """
 
     kind = "csv"
-    part_format = "csv"
+    part_format = codec.CSV
     part_ext = "csv"
 
     def merge(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:

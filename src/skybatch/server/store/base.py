@@ -1,84 +1,42 @@
-"""The state store interface and its records.
+"""The state store's interfaces, one per concern, and the records they return.
 
 Every method is one transaction. Methods that depend on time take ``now``, so
-lease expiry and backoff are tested without sleeping. The default (and today
-the only) implementation is :mod:`skybatch.server.sqlite`.
+lease expiry and backoff are tested without sleeping. :class:`Store` is their
+union, what the server's services take; ``sql.py`` implements it once in SQL,
+``sqlite.py`` (a file, WAL) and ``memory.py`` (SQLite in memory) supply the
+connection. ``tests/contract/test_store.py`` is the suite every store passes.
+
+Output claims (``claims.py``) have no methods of their own: a job claims its
+outputs in the transaction that creates or reopens it, and loses them in the
+one that finishes or forgets it.
 """
 
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from skybatch.batches import BatchPlan, Part
-from skybatch.errors import ConflictError
-from skybatch.io import storage
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
+from skybatch.wire import JobFields
 
 __all__ = [
     "AttemptRecord",
+    "BatchStore",
     "JobRecord",
+    "JobStore",
     "Lease",
-    "OutputClaimed",
+    "LeaseStore",
+    "Maintenance",
+    "PoisonStore",
     "PoolRecord",
+    "PoolStore",
     "Store",
     "WorkerRecord",
-    "claimed_outputs",
-    "output_key",
-    "overlap",
+    "WorkerStore",
 ]
-
-
-class OutputClaimed(ConflictError):
-    """Another unfinished job owns one of the outputs (from create_job or reopen_job):
-    ``path``, the other job's claim, is ``wanted`` or holds it or lies inside it."""
-
-    def __init__(self, path: str, job_id: int, wanted: str | None = None) -> None:
-        self.path = path
-        self.job_id = job_id
-        self.wanted = wanted or path
-        super().__init__(f"job {job_id} is already writing {overlap(path, self.wanted) or path}")
-
-
-def output_key(url: str) -> str:
-    """The one spelling of where ``url`` writes, as outputs are claimed.
-
-    Local paths (plain, ``file://``, ``local://``) go through symbolic links
-    (``os.path.realpath`` resolves the components that exist and keeps the rest);
-    object-store URLs stay as written, without a trailing slash (``s3a`` is ``s3``
-    and ``gcs`` is ``gs``).
-    """
-    url = storage.resolve(url)
-    if "://" not in url:
-        return os.path.realpath(url)
-    scheme, rest = url.split("://", 1)
-    return f"{_SAME_STORE.get(scheme, scheme)}://{rest.rstrip('/')}"
-
-
-_SAME_STORE = {"s3a": "s3", "gcs": "gs"}
-
-
-def overlap(a: str, b: str) -> str | None:
-    """How output keys ``a`` and ``b`` overlap, said from ``a``; None if they do not."""
-    if a == b:
-        return a
-    if b.startswith(a + "/"):
-        return f"{a}, which holds {b}"
-    if a.startswith(b + "/"):
-        return f"{a}, inside {b}"
-    return None
-
-
-def claimed_outputs(spec: dict[str, Any]) -> list[str]:
-    """The keys (``output_key``) of what a job's spec writes: its outputs and its
-    errors output."""
-    paths = [w["path"] for w in spec["writers"]]
-    if spec.get("errors"):
-        paths.append(spec["errors"]["path"])
-    return [output_key(p) for p in paths]
 
 
 @dataclass
@@ -104,28 +62,14 @@ class WorkerRecord:
     last_job: int | None
 
 
-@dataclass
-class JobRecord:
-    id: int
-    name: str
-    pool: str
+class JobRecord(JobFields):
+    """A job as the store holds it: its fields (``wire.JobFields``), a column each,
+    and what only the server reads."""
+
     status: JobStatus
     spec: dict[str, Any]
-    submitted_at: float
-    started_at: float | None
-    finished_at: float | None
-    total_batches: int
-    total_rows: int
-    indexed: bool
-    committed_batches: int
-    committed_rows: int
-    failed_batches: int
-    retries: int
-    lost: int
-    error: str | None
-    version: int
-    planned: int = 0  # batches the indexer made (splits add more to total_batches)
-    failed_rows: int = 0  # rows isolated as poison (max_failed_rows)
+    #: Batches the indexer made (splits add more to total_batches).
+    planned: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,18 +94,8 @@ class AttemptRecord:
     traceback: str | None
 
 
-class Store(abc.ABC):
-    """Pools, workers, jobs, batches and attempts, each change one transaction."""
-
-    #: Set when the store can no longer keep state (its file was lost): one line.
-    problem: str | None = None
-    #: Set when the deployment's whole home was deleted: the server must stop.
-    home_lost: bool = False
-
-    def check_file(self) -> None:  # noqa: B027 - a no-op for stores without a file
-        """Called by the monitor: notice (and repair) state lost under the server."""
-
-    # -- pools and workers -------------------------------------------------------------
+class PoolStore(abc.ABC):
+    """Pools: their spec (as applied) and status."""
 
     @abc.abstractmethod
     def put_pool(self, name: str, spec: dict[str, Any], now: float) -> None: ...
@@ -179,6 +113,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def delete_pool(self, name: str) -> None: ...
+
+
+class WorkerStore(abc.ABC):
+    """A pool's workers: what the provider launched and how each one is doing."""
 
     @abc.abstractmethod
     def add_worker(self, pool: str, index: int, now: float) -> int: ...
@@ -202,7 +140,9 @@ class Store(abc.ABC):
         self, pool: str | None = None, live_only: bool = False
     ) -> list[WorkerRecord]: ...
 
-    # -- jobs and batches ----------------------------------------------------------------
+
+class JobStore(abc.ABC):
+    """Jobs: their spec, lifecycle and output claims."""
 
     @abc.abstractmethod
     def create_job(
@@ -213,57 +153,6 @@ class Store(abc.ABC):
         Raises :class:`OutputClaimed` (and records nothing) if an unfinished job
         owns one of them. A job's claims go when it finishes or is deleted.
         """
-
-    @abc.abstractmethod
-    def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
-        """Replace a pending job's spec (the server completes it once the id exists)."""
-
-    @abc.abstractmethod
-    def delete_job(self, job_id: int) -> None:
-        """Forget a job that never started (its submission was refused)."""
-
-    @abc.abstractmethod
-    def prune_jobs(self, finished_before: float | None, keep: int) -> list[JobRecord]:
-        """Forget finished jobs (every row of theirs), but the ``keep`` most recent ones
-        and those finished at or after ``finished_before``; the jobs forgotten."""
-
-    @abc.abstractmethod
-    def get_job(self, job_id: int) -> JobRecord | None: ...
-
-    @abc.abstractmethod
-    def list_jobs(self, active_only: bool = False) -> list[JobRecord]: ...
-
-    @abc.abstractmethod
-    def active_job_ids(self, pool: str) -> list[int]:
-        """Jobs on ``pool`` that still run or reduce (agents keep their runners)."""
-
-    @abc.abstractmethod
-    def add_batches(self, job_id: int, batches: Sequence[BatchPlan], done: bool) -> None:
-        """Record planned batches; ``done`` marks the end of indexing."""
-
-    @abc.abstractmethod
-    def note_index_start(self, job_id: int, restart: bool) -> int:
-        """Count a start of the job's indexing: how many starts since it last added a
-        batch (a fresh start, not after a ``restart`` of the server, counts from 1)."""
-
-    @abc.abstractmethod
-    def note_reduce_start(self, job_id: int, restart: bool) -> int:
-        """Count a start of the job's reduce: 1 for the first, one more for each start
-        after a ``restart`` of the server cut the last one short."""
-
-    @abc.abstractmethod
-    def set_job_status(
-        self, job_id: int, status: JobStatus, now: float, error: str | None = None
-    ) -> bool:
-        """Move a job to ``status``; a finished job never moves. Returns whether it moved.
-
-        Leaving the running states revokes the job's leases and puts their
-        batches back to PENDING, so a resume redoes them.
-        """
-
-    @abc.abstractmethod
-    def set_job_error(self, job_id: int, error: str) -> None:
-        """Replace a job's error text (a failed job's, once its final counts are known)."""
 
     @abc.abstractmethod
     def reopen_job(
@@ -280,6 +169,72 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
+        """Replace a pending job's spec (the server completes it once the id exists)."""
+
+    @abc.abstractmethod
+    def set_job_status(
+        self, job_id: int, status: JobStatus, now: float, error: str | None = None
+    ) -> bool:
+        """Move a job to ``status``; a finished job never moves. Returns whether it moved.
+
+        Leaving the running states revokes the job's leases and puts their
+        batches back to PENDING, so a resume redoes them.
+        """
+
+    @abc.abstractmethod
+    def set_job_error(self, job_id: int, error: str) -> None:
+        """Replace a job's error text (a failed job's, once its final counts are known)."""
+
+    @abc.abstractmethod
+    def delete_job(self, job_id: int) -> None:
+        """Forget a job that never started (its submission was refused)."""
+
+    @abc.abstractmethod
+    def get_job(self, job_id: int) -> JobRecord | None: ...
+
+    @abc.abstractmethod
+    def list_jobs(self, active_only: bool = False) -> list[JobRecord]: ...
+
+    @abc.abstractmethod
+    def active_job_ids(self, pool: str) -> list[int]:
+        """Jobs on ``pool`` that still run or reduce (agents keep their runners)."""
+
+
+class BatchStore(abc.ABC):
+    """A job's batches as indexed, and what became of them."""
+
+    @abc.abstractmethod
+    def add_batches(self, job_id: int, batches: Sequence[BatchPlan], done: bool) -> None:
+        """Record planned batches; ``done`` marks the end of indexing."""
+
+    @abc.abstractmethod
+    def note_index_start(self, job_id: int, restart: bool) -> int:
+        """Count a start of the job's indexing: how many starts since it last added a
+        batch (a fresh start, not after a ``restart`` of the server, counts from 1)."""
+
+    @abc.abstractmethod
+    def note_reduce_start(self, job_id: int, restart: bool) -> int:
+        """Count a start of the job's reduce: 1 for the first, one more for each start
+        after a ``restart`` of the server cut the last one short."""
+
+    @abc.abstractmethod
+    def batch_plan(self, job_id: int, batch: int) -> BatchPlan | None: ...
+
+    @abc.abstractmethod
+    def failed_batches(self, job_id: int) -> list[int]: ...
+
+    @abc.abstractmethod
+    def committed_parts(self, job_id: int) -> list[Part]: ...
+
+    @abc.abstractmethod
+    def batch_attempts(self, job_id: int, batch: int) -> list[AttemptRecord]: ...
+
+
+class PoisonStore(abc.ABC):
+    """The poison-row search (``max_failed_rows``): split failed batches, isolate rows."""
+
+    @abc.abstractmethod
     def split_batch(self, job_id: int, batch: int, halves: Sequence[BatchPlan]) -> None:
         """Replace a failed batch by smaller ones with fresh retries (poison row search)."""
 
@@ -293,19 +248,10 @@ class Store(abc.ABC):
     def poison_rows(self, job_id: int) -> list[tuple[int, str, str, str | None]]:
         """(row, input, error, traceback) of the job's poison rows, in row order."""
 
-    @abc.abstractmethod
-    def committed_parts(self, job_id: int) -> list[Part]: ...
 
-    @abc.abstractmethod
-    def batch_attempts(self, job_id: int, batch: int) -> list[AttemptRecord]: ...
-
-    @abc.abstractmethod
-    def batch_plan(self, job_id: int, batch: int) -> BatchPlan | None: ...
-
-    @abc.abstractmethod
-    def failed_batches(self, job_id: int) -> list[int]: ...
-
-    # -- leases ------------------------------------------------------------------------
+class LeaseStore(abc.ABC):
+    """Leases and attempts: the per-batch path (lease, heartbeat, commit, fail) and
+    putting back what lost workers and expired leases held."""
 
     @abc.abstractmethod
     def lease(self, pool: str, worker_id: int, now: float, ttl: float) -> Lease | None:
@@ -355,3 +301,28 @@ class Store(abc.ABC):
         self, now: float, max_system_failures: int
     ) -> tuple[set[str], list[tuple[int, int]]]:
         """Put back expired leases; (pools with new work, (job, batch) of those that ran out)."""
+
+
+class Maintenance(abc.ABC):
+    """Keeping the store itself: pruning, the state file, closing."""
+
+    #: Set when the store can no longer keep state (its file was lost): one line.
+    problem: str | None = None
+    #: Set when the deployment's whole home was deleted: the server must stop.
+    home_lost: bool = False
+
+    def check_file(self) -> None:  # noqa: B027 - a no-op for stores without a file
+        """Called by the monitor: notice (and repair) state lost under the server."""
+
+    @abc.abstractmethod
+    def prune_jobs(self, finished_before: float | None, keep: int) -> list[JobRecord]:
+        """Forget finished jobs (every row of theirs), but the ``keep`` most recent ones
+        and those finished at or after ``finished_before``; the jobs forgotten."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Store(PoolStore, WorkerStore, JobStore, BatchStore, PoisonStore, LeaseStore, Maintenance):
+    """Pools, workers, jobs, batches and attempts, each change one transaction: the
+    union the server's services take."""

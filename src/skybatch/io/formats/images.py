@@ -9,7 +9,7 @@ from skybatch.batches import Part
 from skybatch.errors import OutputError
 from skybatch.io import storage
 from skybatch.io.base import OutputWriter
-from skybatch.runner.codec import unpack_files
+from skybatch.runner import codec
 
 __all__ = ["ImageWriter"]
 
@@ -32,7 +32,7 @@ class ImageWriter(OutputWriter):
     """
 
     kind = "image"
-    part_format = "image"
+    part_format = codec.IMAGE
     part_ext = "d"
 
     def __init__(
@@ -87,7 +87,7 @@ class ImageWriter(OutputWriter):
 
     def runner_spec(self) -> dict[str, Any]:
         return {
-            "format": "image",
+            "format": codec.IMAGE,
             "column": self.column,
             "name": self.name,
             "image_format": self.format,
@@ -102,7 +102,7 @@ class ImageWriter(OutputWriter):
 
     def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
         part = self.part_path(job_id, batch, attempt)
-        files = {storage.join(part, name): blob for name, blob in unpack_files(data)}
+        files = {storage.join(part, name): blob for name, blob in codec.unpack_files(data)}
         fs, _ = storage.filesystem(part, self.storage_options)
         with storage.translate_errors(part, "write images to", OutputError):
             if storage.is_local(part):

@@ -16,7 +16,8 @@ from skybatch import defaults
 from skybatch.batches import BatchPlan
 from skybatch.errors import InputError
 from skybatch.io import storage
-from skybatch.io.files import FileReader, FileWriter
+from skybatch.io.formats.files import FileReader, FileWriter
+from skybatch.runner import codec
 
 __all__ = ["JsonReader", "JsonWriter"]
 
@@ -43,7 +44,7 @@ class JsonReader(FileReader):
     """
 
     kind = "jsonl"
-    payload_format = "jsonl"
+    payload_format = codec.JSONL
     example = "data.jsonl"
 
     def uses_scratch(self) -> bool:
@@ -370,5 +371,5 @@ class JsonWriter(FileWriter):
     ``column`` selects the keys to keep (a name or a list of names)."""
 
     kind = "jsonl"
-    part_format = "jsonl"
+    part_format = codec.JSONL
     part_ext = "jsonl"

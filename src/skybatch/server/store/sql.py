@@ -1,127 +1,76 @@
-"""The SQLite state store: WAL, one connection, one ``BEGIN IMMEDIATE`` per change."""
+"""The store in SQL, once: every query and statement, over any DB-API connection.
+
+A subclass supplies the connection (``_tx``, ``_one``, ``_all``) and the schema;
+``sqlite.py`` and ``memory.py`` do, and a Postgres store would differ only there
+and in the dialect hooks below (``_insert``, the ``?`` paramstyle). The rules that
+are not storage (which job a worker serves, what a failure costs, how split
+batches are numbered) are pure functions in :mod:`skybatch.server.scheduler`.
+"""
 
 from __future__ import annotations
 
+import abc
 import contextlib
-import logging
-import os
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import orjson
 
 from skybatch.batches import BatchPlan, Part
-from skybatch.errors import DiskFullError, ServerError, SkyBatchError
 from skybatch.server import scheduler
-from skybatch.server.store import (
+from skybatch.server.store.base import (
     AttemptRecord,
     JobRecord,
     Lease,
-    OutputClaimed,
     PoolRecord,
     Store,
     WorkerRecord,
-    claimed_outputs,
 )
+from skybatch.server.store.claims import OutputClaimed, claimed_outputs
 from skybatch.states import BatchStatus, JobStatus, PoolStatus, WorkerStatus
 
-__all__ = ["SqliteStore"]
+__all__ = ["Connection", "Cursor", "SqlStore"]
 
-log = logging.getLogger("skybatch.server")
+#: A result row, read by column name or position (``Row``, a DB-API dict row).
+Row = Any
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pools(
-  name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
-  created_at REAL NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS workers(
-  id INTEGER PRIMARY KEY AUTOINCREMENT, pool TEXT NOT NULL, idx INTEGER NOT NULL,
-  status TEXT NOT NULL, handle TEXT NOT NULL DEFAULT '{}', started_at REAL NOT NULL,
-  last_seen REAL, error TEXT, last_job INTEGER);
-CREATE INDEX IF NOT EXISTS workers_pool ON workers(pool, status);
-CREATE TABLE IF NOT EXISTS jobs(
-  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, pool TEXT NOT NULL,
-  status TEXT NOT NULL, spec TEXT NOT NULL, submitted_at REAL NOT NULL,
-  started_at REAL, finished_at REAL,
-  total_batches INTEGER NOT NULL DEFAULT 0, total_rows INTEGER NOT NULL DEFAULT 0,
-  indexed INTEGER NOT NULL DEFAULT 0,
-  committed_batches INTEGER NOT NULL DEFAULT 0, committed_rows INTEGER NOT NULL DEFAULT 0,
-  failed_batches INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0,
-  lost INTEGER NOT NULL DEFAULT 0, error TEXT, version INTEGER NOT NULL DEFAULT 0,
-  max_retries INTEGER NOT NULL, retry_backoff REAL NOT NULL,
-  planned INTEGER NOT NULL DEFAULT 0, splits INTEGER NOT NULL DEFAULT 0,
-  failed_rows INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS jobs_active ON jobs(pool, id) WHERE status IN ('PENDING','RUNNING');
-CREATE TABLE IF NOT EXISTS batches(
-  job_id INTEGER NOT NULL, idx INTEGER NOT NULL, file INTEGER NOT NULL,
-  start INTEGER NOT NULL, end INTEGER NOT NULL, row_start INTEGER NOT NULL,
-  row_count INTEGER NOT NULL, line INTEGER NOT NULL, status TEXT NOT NULL,
-  failures INTEGER NOT NULL DEFAULT 0, system_failures INTEGER NOT NULL DEFAULT 0,
-  ready_at REAL NOT NULL DEFAULT 0, attempt INTEGER, committed_attempt INTEGER,
-  PRIMARY KEY(job_id, idx)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS batches_pending ON batches(job_id, idx) WHERE status='PENDING';
-CREATE INDEX IF NOT EXISTS batches_leased ON batches(job_id) WHERE status='LEASED';
-CREATE TABLE IF NOT EXISTS attempts(
-  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, batch INTEGER NOT NULL,
-  worker_id INTEGER NOT NULL, status TEXT NOT NULL, leased_at REAL NOT NULL,
-  expires_at REAL NOT NULL, finished_at REAL, error_kind TEXT, error TEXT, traceback TEXT);
-CREATE INDEX IF NOT EXISTS attempts_live ON attempts(expires_at) WHERE status='LEASED';
-CREATE INDEX IF NOT EXISTS attempts_worker ON attempts(worker_id) WHERE status='LEASED';
-CREATE INDEX IF NOT EXISTS attempts_batch ON attempts(job_id, batch);
-CREATE TABLE IF NOT EXISTS poison(
-  job_id INTEGER NOT NULL, row INTEGER NOT NULL, input TEXT NOT NULL, error TEXT NOT NULL,
-  traceback TEXT, PRIMARY KEY(job_id, row)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outputs(
-  path TEXT PRIMARY KEY, job_id INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id);
-"""
 
-#: Columns added after the first schema: (table, column, declaration), applied in order.
-_ADDED_COLUMNS = [
-    ("jobs", "planned", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "splits", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "failed_rows", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "generation", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "index_starts", "INTEGER NOT NULL DEFAULT 0"),
-    ("batches", "signals", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "reduce_starts", "INTEGER NOT NULL DEFAULT 0"),
-]
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
 
-#: Batches made by splitting a failed batch get indices from here up, clear of planned ones.
-SPLIT_BASE = 1_000_000_000
+    @property
+    def lastrowid(self) -> int | None: ...
+
+    def fetchone(self) -> Row: ...
+
+    def fetchall(self) -> list[Row]: ...
+
+    def __iter__(self) -> Iterator[Row]: ...
+
+
+class Connection(Protocol):
+    """What the SQL needs of a connection: ``execute`` and ``executemany``."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Cursor: ...
+
 
 _ACTIVE = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
 
 
-def _job(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        name=row["name"],
-        pool=row["pool"],
-        status=JobStatus(row["status"]),
-        spec=orjson.loads(row["spec"]),
-        submitted_at=row["submitted_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        total_batches=row["total_batches"],
-        total_rows=row["total_rows"],
-        indexed=bool(row["indexed"]),
-        committed_batches=row["committed_batches"],
-        committed_rows=row["committed_rows"],
-        failed_batches=row["failed_batches"],
-        retries=row["retries"],
-        lost=row["lost"],
-        error=row["error"],
-        version=row["version"],
-        planned=row["planned"],
-        failed_rows=row["failed_rows"],
-    )
+#: A job's columns are named as its record's fields.
+_JOB_COLUMNS = tuple(JobRecord.model_fields)
 
 
-def _worker(row: sqlite3.Row) -> WorkerRecord:
+def _job(row: Row) -> JobRecord:
+    fields = {name: row[name] for name in _JOB_COLUMNS}
+    fields["spec"] = orjson.loads(fields["spec"])
+    return JobRecord.model_validate(fields)  # makes the status an enum, indexed a bool
+
+
+def _worker(row: Row) -> WorkerRecord:
     return WorkerRecord(
         id=row["id"],
         pool=row["pool"],
@@ -135,7 +84,7 @@ def _worker(row: sqlite3.Row) -> WorkerRecord:
     )
 
 
-def _pool(row: sqlite3.Row) -> PoolRecord:
+def _pool(row: Row) -> PoolRecord:
     return PoolRecord(
         name=row["name"],
         spec=orjson.loads(row["spec"]),
@@ -146,130 +95,28 @@ def _pool(row: sqlite3.Row) -> PoolRecord:
     )
 
 
-class SqliteStore(Store):
-    """State in one SQLite file. Safe to share between the event loop and worker threads."""
+class SqlStore(Store):
+    """Every store method in SQL; subclasses hold the connection."""
 
-    def __init__(self, path: Path | str) -> None:
-        self._path = Path(path)
-        self._lock = threading.RLock()
-        self.problem: str | None = None
-        self.home_lost = False
-        self._home_id = self._dir_id()
-        self._db = self._connect()
-        self._db.executescript(_SCHEMA)
-        self._migrate()
-        self._claim_unfinished_outputs()
+    @abc.abstractmethod
+    def _tx(self) -> contextlib.AbstractContextManager[Connection]:
+        """One transaction that holds its write lock from the start (no upgrade races)."""
 
-    def _connect(self) -> sqlite3.Connection:
-        # Created 0600 here (SQLite gives its -wal and -shm files the same mode); the
-        # umask would leave state.db readable by everyone.
-        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
-        db = sqlite3.connect(str(self._path), check_same_thread=False, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across a crash of this process (WAL); only power loss can
-        # drop the last transactions, which re-running those batches repairs.
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        st = os.stat(self._path)
-        self._file_id = (st.st_dev, st.st_ino)
-        return db
+    @abc.abstractmethod
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        """One row of a read outside any transaction of ours."""
 
-    def check_file(self) -> None:
-        """Put state.db back if it was deleted or replaced under us (one stat when not).
+    @abc.abstractmethod
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Every row of a read outside any transaction of ours."""
 
-        The open connection still holds the whole state, so it is written back to the
-        path; going on silently would lose every job and pool at the next restart.
-        If that fails, the store refuses all further work with :attr:`problem`.
-        """
-        if self.problem is not None or self.home_lost:
-            return
-        try:
-            st = os.stat(self._path)
-            if (st.st_dev, st.st_ino) == self._file_id:
-                return
-            what = "replaced"
-        except (FileNotFoundError, NotADirectoryError):
-            what = "deleted"
-        if self._dir_id() != self._home_id:
-            self._restore_home()
-            return
-        with self._lock:
-            try:
-                aside = self._restore(what)
-            except (OSError, sqlite3.Error) as e:
-                self.problem = (
-                    f"{self._path} was {what} while the server ran and could not be restored "
-                    f"({e}); this server stopped serving: restart it to go on from what is "
-                    "on disk"
-                )
-                log.error("%s", self.problem)
-                return
-        log.warning(
-            "%s was %s while the server ran; restored it from the open database%s",
-            self._path,
-            what,
-            f" (the file found there is now {aside})" if aside else "",
-        )
-
-    def _dir_id(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self._path.parent)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return (st.st_dev, st.st_ino)
-
-    def _restore_home(self) -> None:
-        """The whole home went (``rm -rf``): make it again and write state.db back.
-
-        The server cannot go on there (its workers' directories and its lock went
-        too), so :attr:`home_lost` tells it to stop (and log why); the next server
-        starts from this state. If even this fails, :attr:`problem` says so.
-        """
-        from skybatch.config import Home
-
-        home = self._path.parent
-        self.home_lost = True
-        with self._lock:
-            try:
-                Home(home).ensure()
-                self._restore("replaced" if self._path.exists() else "deleted")
-                self._home_id = self._dir_id()
-            except (OSError, sqlite3.Error, SkyBatchError) as e:
-                self.problem = (
-                    f"SKYBATCH_HOME {home} was deleted while the server ran and could not be "
-                    f"restored ({e}); the jobs and pools it held are lost"
-                )
-                return
-
-    def _restore(self, what: str) -> Path | None:
-        tmp = self._path.with_name(self._path.name + ".restoring")
-        tmp.unlink(missing_ok=True)
-        os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-        copy = sqlite3.connect(str(tmp))
-        try:
-            self._db.backup(copy)
-        finally:
-            copy.close()
-        aside = None
-        if what == "replaced":
-            aside = self._path.with_name(f"{self._path.name}.replaced-{int(time.time())}")
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self._path, aside)
-        self._db.close()
-        # The old file's WAL must not be replayed into the copy.
-        for suffix in ("-wal", "-shm"):
-            self._path.with_name(self._path.name + suffix).unlink(missing_ok=True)
-        os.replace(tmp, self._path)
-        self._db = self._connect()
-        return aside
-
-    def _migrate(self) -> None:
-        """Add the columns newer versions introduced to a database made by an older one."""
-        for table, column, decl in _ADDED_COLUMNS:
-            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    @staticmethod
+    def _insert(db: Connection, sql: str, args: Sequence[Any]) -> int:
+        """Insert one row; its generated ``id`` (a dialect without ``lastrowid`` appends
+        ``RETURNING id``)."""
+        rowid = db.execute(sql, args).lastrowid
+        assert rowid is not None
+        return rowid
 
     def _claim_unfinished_outputs(self) -> None:
         """The unfinished jobs' claims, made again from their specs: a database made
@@ -281,12 +128,12 @@ class SqliteStore(Store):
                 (*_ACTIVE, JobStatus.REDUCING.value),
             ).fetchall():
                 db.executemany(
-                    "INSERT OR IGNORE INTO outputs(path, job_id) VALUES(?,?)",
+                    "INSERT INTO outputs(path, job_id) VALUES(?,?) ON CONFLICT DO NOTHING",
                     [(p, job_id) for p in claimed_outputs(orjson.loads(spec))],
                 )
 
     @staticmethod
-    def _claim(db: sqlite3.Connection, job_id: int, outputs: Sequence[str]) -> None:
+    def _claim(db: Connection, job_id: int, outputs: Sequence[str]) -> None:
         """Inside the caller's transaction: raising rolls back what it recorded.
 
         A claim conflicts with another job's claim of the same key, of a directory
@@ -302,51 +149,10 @@ class SqliteStore(Store):
             ).fetchone()
             if owner is not None:
                 raise OutputClaimed(owner[0], owner[1], path)
-            db.execute("INSERT OR IGNORE INTO outputs(path, job_id) VALUES(?,?)", (path, job_id))
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _refuse_if_lost(self) -> None:
-        if self.problem is not None:
-            raise ServerError(self.problem)
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._refuse_if_lost()
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    # A full disk may have rolled it back already: ROLLBACK would then
-                    # fail and hide the error, and a transaction left open would stop
-                    # every later one (the state could not recover with the space).
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as e:
-                if "database or disk is full" not in str(e):  # SQLITE_FULL's message
-                    raise
-                raise DiskFullError(
-                    f"cannot write the state database {self._path}: no space left on its "
-                    "file system (database or disk is full); free space there and skybatch "
-                    "carries on"
-                ) from None
-
-    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        with self._lock:
-            self._refuse_if_lost()
-            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
-            return row
-
-    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            self._refuse_if_lost()
-            return self._db.execute(sql, args).fetchall()
+            db.execute(
+                "INSERT INTO outputs(path, job_id) VALUES(?,?) ON CONFLICT DO NOTHING",
+                (path, job_id),
+            )
 
     # -- pools and workers -------------------------------------------------------------
 
@@ -379,12 +185,11 @@ class SqliteStore(Store):
 
     def add_worker(self, pool: str, index: int, now: float) -> int:
         with self._tx() as db:
-            cur = db.execute(
+            return self._insert(
+                db,
                 "INSERT INTO workers(pool, idx, status, started_at) VALUES(?,?,?,?)",
                 (pool, index, WorkerStatus.STARTING.value, now),
             )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
 
     def set_worker(
         self,
@@ -430,7 +235,8 @@ class SqliteStore(Store):
         self, name: str, pool: str, spec: dict[str, Any], now: float, outputs: Sequence[str] = ()
     ) -> int:
         with self._tx() as db:
-            cur = db.execute(
+            job_id = self._insert(
+                db,
                 "INSERT INTO jobs(name, pool, status, spec, submitted_at, max_retries, "
                 "retry_backoff) VALUES(?,?,?,?,?,?,?)",
                 (
@@ -443,9 +249,8 @@ class SqliteStore(Store):
                     spec["retry_backoff"],
                 ),
             )
-            assert cur.lastrowid is not None
-            self._claim(db, cur.lastrowid, outputs)
-            return cur.lastrowid
+            self._claim(db, job_id, outputs)
+            return job_id
 
     def set_job_spec(self, job_id: int, spec: dict[str, Any]) -> None:
         with self._tx() as db:
@@ -599,6 +404,7 @@ class SqliteStore(Store):
     def split_batch(self, job_id: int, batch: int, halves: Sequence[BatchPlan]) -> None:
         with self._tx() as db:
             splits = db.execute("SELECT splits FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+            indices = scheduler.split_indices(splits, len(halves))
             db.execute(
                 "UPDATE batches SET status='SPLIT' WHERE job_id=? AND idx=? AND status='FAILED'",
                 (job_id, batch),
@@ -607,17 +413,8 @@ class SqliteStore(Store):
                 "INSERT INTO batches(job_id, idx, file, start, end, row_start, row_count, line, "
                 "status) VALUES(?,?,?,?,?,?,?,?,'PENDING')",
                 [
-                    (
-                        job_id,
-                        SPLIT_BASE + splits + k,
-                        h.file,
-                        h.start,
-                        h.end,
-                        h.row_start,
-                        h.row_count,
-                        h.line,
-                    )
-                    for k, h in enumerate(halves)
+                    (job_id, idx, h.file, h.start, h.end, h.row_start, h.row_count, h.line)
+                    for idx, h in zip(indices, halves, strict=True)
                 ],
             )
             db.execute(
@@ -634,8 +431,9 @@ class SqliteStore(Store):
                 "UPDATE batches SET status='POISONED' WHERE job_id=? AND idx=?", (job_id, batch)
             )
             db.execute(
-                "INSERT OR REPLACE INTO poison(job_id, row, input, error, traceback) "
-                "VALUES(?,?,?,?,?)",
+                "INSERT INTO poison(job_id, row, input, error, traceback) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(job_id, row) DO UPDATE SET input=excluded.input, "
+                "error=excluded.error, traceback=excluded.traceback",
                 (job_id, row, data, error, traceback),
             )
             db.execute(
@@ -709,13 +507,12 @@ class SqliteStore(Store):
                 (job_id, now),
             ).fetchone()
             expires = now + ttl
-            cur = db.execute(
+            attempt = self._insert(
+                db,
                 "INSERT INTO attempts(job_id, batch, worker_id, status, leased_at, expires_at) "
                 "VALUES(?,?,?,'LEASED',?,?)",
                 (job_id, b[0], worker_id, now, expires),
             )
-            attempt = cur.lastrowid
-            assert attempt is not None
             db.execute(
                 "UPDATE batches SET status='LEASED', attempt=? WHERE job_id=? AND idx=?",
                 (attempt, job_id, b[0]),
@@ -758,9 +555,9 @@ class SqliteStore(Store):
                     revoked.append(attempt)
             return revoked
 
-    def _live_attempt(self, db: sqlite3.Connection, attempt: int) -> sqlite3.Row | None:
+    def _live_attempt(self, db: Connection, attempt: int) -> Row | None:
         """The attempt's row if it still holds its batch's lease (fencing)."""
-        row: sqlite3.Row | None = db.execute(
+        row: Row | None = db.execute(
             "SELECT a.job_id, a.batch, b.row_count, b.failures, b.system_failures, b.signals, "
             "j.max_retries, j.retry_backoff FROM attempts a "
             "JOIN batches b ON b.job_id=a.job_id AND b.idx=a.batch "
@@ -804,9 +601,9 @@ class SqliteStore(Store):
 
     def _put_back(
         self,
-        db: sqlite3.Connection,
+        db: Connection,
         attempt: int,
-        row: sqlite3.Row,
+        row: Row,
         *,
         mapper_caused: bool,
         kind: str,
@@ -872,9 +669,8 @@ class SqliteStore(Store):
                 return None
             kind = "mapper" if mapper_caused else "system"
             if signal:
-                # One kill from outside (an operator, the OOM killer for another process's
-                # sake) is not the mapper's fault; a batch whose runner dies again is.
-                mapper_caused, kind = row["signals"] > 0, "signal"
+                mapper_caused = scheduler.signal_is_mapper_caused(row["signals"])
+                kind = "signal"
                 db.execute(
                     "UPDATE batches SET signals=signals+1 WHERE job_id=? AND idx=?",
                     (row["job_id"], row["batch"]),
@@ -894,7 +690,7 @@ class SqliteStore(Store):
             return _job(job), row["batch"] if failed else None
 
     def _release(
-        self, db: sqlite3.Connection, attempts: list[int], reason: str, now: float, cap: int
+        self, db: Connection, attempts: list[int], reason: str, now: float, cap: int
     ) -> list[tuple[int, int]]:
         exhausted = []
         for attempt in attempts:

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 from skybatch.batches import BatchPlan, Part
 from skybatch.errors import InputError, OutputError
 from skybatch.io import storage
-from skybatch.io.files import FileReader, FileWriter, normalize_columns
+from skybatch.io.formats.files import FileReader, FileWriter, normalize_columns
+from skybatch.runner import codec
 
 __all__ = ["ParquetReader", "ParquetWriter"]
 
@@ -37,7 +38,7 @@ class ParquetReader(FileReader):
     """
 
     kind = "parquet"
-    payload_format = "records"
+    payload_format = codec.RECORDS
     example = "data.parquet"
 
     def __init__(
@@ -122,7 +123,7 @@ class ParquetWriter(FileWriter):
     """
 
     kind = "parquet"
-    part_format = "records"
+    part_format = codec.RECORDS
     part_ext = "parquet"
 
     def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
