@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,4 +115,49 @@ def test_a_home_that_cannot_be_restored_stops_the_store(tmp_path: Path) -> None:
     assert "\n" not in store.problem
     with pytest.raises(ServerError, match="could not be restored"):
         store.list_pools()
+    store.close()
+
+
+@pytest.mark.parametrize("what", ["deleted", "replaced"])
+def test_changes_made_while_state_db_is_written_back_are_kept(tmp_path: Path, what: str) -> None:
+    """The write-back runs in a thread and lets other calls in between its steps."""
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    job = store.create_job("j", "p", SPEC, now=0)
+    blob = "x" * (1 << 20)
+    for row in range(40):  # 40 MB: ten steps of the copy
+        store.poison_batch(job, row, row, blob, "poison", None)
+    path.unlink()
+    if what == "replaced":
+        path.write_bytes(b"")
+    restore = threading.Thread(target=store.check_file)
+    made, during = [], 0
+    restore.start()
+    while restore.is_alive():
+        made.append(store.create_job("k", "p", SPEC, now=1))
+        during += restore.is_alive()
+    restore.join()
+    # One call may get in before the copy starts; more get in only between its steps.
+    assert during > 5, f"{during} calls got in while state.db was written back"
+    made.append(store.create_job("k", "p", SPEC, now=2))
+    assert store.problem is None
+    # The scans' own connection reads the restored file too.
+    assert [j.id for j in store.list_jobs()] == [job, *made]
+    store.close()
+    again = SqliteStore(path)
+    assert [j.id for j in again.list_jobs()] == [job, *made]
+    assert len(again.poison_rows(job)) == 40
+    again.close()
+
+
+def test_a_scan_does_not_wait_for_the_writer(tmp_path: Path) -> None:
+    """A long read in a thread takes a connection of its own, not the writer's lock."""
+    store = SqliteStore(tmp_path / "state.db")
+    job = store.create_job("j", "p", SPEC, now=0)
+    store.add_batches(job, [BatchPlan(i, 0, i, i + 1, i, 1, i) for i in range(100)], done=True)
+    with store._lock:  # a transaction under way on another thread, as far as a scan knows
+        scan = threading.Thread(target=lambda: store.failed_batches(job))
+        scan.start()
+        scan.join(timeout=5)
+        assert not scan.is_alive()
     store.close()

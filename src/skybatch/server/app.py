@@ -99,7 +99,8 @@ def create_app(ctx: Context) -> FastAPI:
     async def monitor() -> None:
         while True:
             try:
-                ctx.store.check_file()
+                # A stat each tick, but writing a big state.db back takes seconds.
+                await asyncio.to_thread(ctx.store.check_file)
                 if ctx.store.home_lost:
                     leave_lost_home()
                     return
@@ -204,7 +205,8 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.get("/jobs")
     async def list_jobs() -> list[JobView]:
-        return [jobs.view(j) for j in ctx.store.list_jobs()]
+        # A scan of every job; the views stay here, where the jobs' health changes.
+        return [jobs.view(j) for j in await asyncio.to_thread(ctx.store.list_jobs)]
 
     @api.post("/jobs/prune")
     async def prune(older_than_days: float | None = None, keep: int = 0) -> dict[str, Any]:

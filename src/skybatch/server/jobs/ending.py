@@ -28,7 +28,12 @@ class Ending:
         job = self.ctx.store.get_job(job_id)
         if job is None or job.status.finished:
             return
-        message = reason if reason is not None else failure_message(self.ctx.store, job)
+        message = (
+            reason
+            if reason is not None
+            # It scans the job's batches: a big job has them by the million.
+            else await asyncio.to_thread(failure_message, self.ctx.store, job)
+        )
         self.rt.finishing.add(job_id)  # readers get the job once its error is complete
         try:
             # Stop the job first: no commit lands after this, so the counts read next

@@ -79,7 +79,8 @@ class Publisher:
             store.set_job_status(job_id, JobStatus.REDUCING, self.ctx.clock())
             self.rt.notify(job)
         writers = self.rt.writers(job)
-        parts = store.committed_parts(job_id)
+        # A scan of every batch, which a big job has by the million: not on the loop.
+        parts = await asyncio.to_thread(store.committed_parts, job_id)
         try:
             await asyncio.to_thread(self._publish, job, writers, parts, job.spec["overwrite"])
         except SkyBatchError as e:
@@ -172,9 +173,8 @@ class Publisher:
                 f"job {job_id} did not write {writer_spec.get('path')!r}; its outputs are "
                 f"{[w['path'] for w in job.spec['writers']]}"
             )
-        parts = self.ctx.store.committed_parts(job_id)
 
-        def stage_and_publish() -> None:
+        def stage_and_publish(parts: list[Part]) -> None:
             staged = writer.stage(job_id, parts)
             if isinstance(staged, storage.StagedMoves):
                 staged.keep_sources = True  # the parts stay for a resume
@@ -189,7 +189,9 @@ class Publisher:
             raise ConflictError(f"job {job_id}'s output is being written already; try again")
         self.rt.reducing.add(job_id)
         try:
-            await asyncio.to_thread(stage_and_publish)
+            # Read once the job is ours: a resume is refused until the reduce ends.
+            parts = await asyncio.to_thread(self.ctx.store.committed_parts, job_id)
+            await asyncio.to_thread(stage_and_publish, parts)
             # Read and written with no await between: a resume (on this loop) cannot
             # reopen the job in the middle and lose its new spec.
             job = self.rt.get(job_id)

@@ -6,6 +6,11 @@ union, what the server's services take; ``sql.py`` implements it once in SQL,
 ``sqlite.py`` (a file, WAL) and ``memory.py`` (SQLite in memory) supply the
 connection. ``tests/contract/test_store.py`` is the suite every store passes.
 
+Safe to call from threads. The server calls a method on its event loop when it is
+one short transaction (a lease, a commit, a point read), and from a thread when it
+reads a whole table or a big job's rows (the scans marked below) or does file
+I/O (:meth:`Maintenance.check_file`, :meth:`Maintenance.prune_jobs`).
+
 Output claims (``claims.py``) have no methods of their own: a job claims its
 outputs in the transaction that creates or reopens it, and loses them in the
 one that finishes or forgets it.
@@ -194,7 +199,8 @@ class JobStore(abc.ABC):
     def get_job(self, job_id: int) -> JobRecord | None: ...
 
     @abc.abstractmethod
-    def list_jobs(self, active_only: bool = False) -> list[JobRecord]: ...
+    def list_jobs(self, active_only: bool = False) -> list[JobRecord]:
+        """Every job (a scan), or the unfinished ones."""
 
     @abc.abstractmethod
     def active_job_ids(self, pool: str) -> list[int]:
@@ -222,10 +228,12 @@ class BatchStore(abc.ABC):
     def batch_plan(self, job_id: int, batch: int) -> BatchPlan | None: ...
 
     @abc.abstractmethod
-    def failed_batches(self, job_id: int) -> list[int]: ...
+    def failed_batches(self, job_id: int) -> list[int]:
+        """The job's failed batches, in index order (a scan of its batches)."""
 
     @abc.abstractmethod
-    def committed_parts(self, job_id: int) -> list[Part]: ...
+    def committed_parts(self, job_id: int) -> list[Part]:
+        """The job's committed parts, in row order (a scan of its batches)."""
 
     @abc.abstractmethod
     def batch_attempts(self, job_id: int, batch: int) -> list[AttemptRecord]: ...
@@ -246,7 +254,7 @@ class PoisonStore(abc.ABC):
 
     @abc.abstractmethod
     def poison_rows(self, job_id: int) -> list[tuple[int, str, str, str | None]]:
-        """(row, input, error, traceback) of the job's poison rows, in row order."""
+        """(row, input, error, traceback) of the job's poison rows, in row order (a scan)."""
 
 
 class LeaseStore(abc.ABC):
@@ -312,7 +320,8 @@ class Maintenance(abc.ABC):
     home_lost: bool = False
 
     def check_file(self) -> None:  # noqa: B027 - a no-op for stores without a file
-        """Called by the monitor: notice (and repair) state lost under the server."""
+        """Called by the monitor, in a thread: notice (and repair) state lost under the
+        server; calls made meanwhile on other threads must go on."""
 
     @abc.abstractmethod
     def prune_jobs(self, finished_before: float | None, keep: int) -> list[JobRecord]:

@@ -110,6 +110,15 @@ class SqlStore(Store):
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         """Every row of a read outside any transaction of ours."""
 
+    def _scan(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Every row of a read that may take long (all of a big job's batches).
+
+        The server makes these calls in a thread: a store that can read beside its
+        writer (a connection of its own, as ``sqlite.py``'s) should, so that a scan
+        never holds up a lease or commit on the event loop.
+        """
+        return self._all(sql, args)
+
     @staticmethod
     def _insert(db: Connection, sql: str, args: Sequence[Any]) -> int:
         """Insert one row; its generated ``id`` (a dialect without ``lastrowid`` appends
@@ -265,19 +274,29 @@ class SqlStore(Store):
 
     def prune_jobs(self, finished_before: float | None, keep: int) -> list[JobRecord]:
         done = [s.value for s in JobStatus if s.finished]
-        with self._tx() as db:
-            rows = db.execute(
-                f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(done))}) "
-                "ORDER BY id DESC",
-                done,
-            ).fetchall()[keep:]
-            if finished_before is not None:
-                rows = [r for r in rows if (r["finished_at"] or 0) < finished_before]
-            ids = [(r["id"],) for r in rows]
-            for table in ("batches", "attempts", "poison", "outputs"):
-                db.executemany(f"DELETE FROM {table} WHERE job_id=?", ids)
-            db.executemany("DELETE FROM jobs WHERE id=?", ids)
-            return [_job(r) for r in rows]
+        finished = f"status IN ({','.join('?' * len(done))})"
+        rows = self._scan(
+            f"SELECT id, finished_at FROM jobs WHERE {finished} ORDER BY id DESC", done
+        )
+        ids = [
+            r["id"]
+            for r in rows[keep:]
+            if finished_before is None or (r["finished_at"] or 0) < finished_before
+        ]
+        pruned = []
+        # A transaction per job: forgetting many big jobs never holds the store long.
+        for job_id in ids:
+            with self._tx() as db:
+                # Still finished: a resume may have reopened it since the scan.
+                gone = db.execute(
+                    f"DELETE FROM jobs WHERE id=? AND {finished} RETURNING *", (job_id, *done)
+                ).fetchall()
+                if not gone:
+                    continue
+                for table in ("batches", "attempts", "poison", "outputs"):
+                    db.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
+            pruned.append(_job(gone[0]))
+        return pruned
 
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -290,7 +309,7 @@ class SqlStore(Store):
                 (*_ACTIVE, JobStatus.REDUCING.value),
             )
         else:
-            rows = self._all("SELECT * FROM jobs ORDER BY id")
+            rows = self._scan("SELECT * FROM jobs ORDER BY id")
         return [_job(r) for r in rows]
 
     def active_job_ids(self, pool: str) -> list[int]:
@@ -444,14 +463,14 @@ class SqlStore(Store):
             return _job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
     def poison_rows(self, job_id: int) -> list[tuple[int, str, str, str | None]]:
-        rows = self._all(
+        rows = self._scan(
             "SELECT row, input, error, traceback FROM poison WHERE job_id=? ORDER BY row",
             (job_id,),
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def committed_parts(self, job_id: int) -> list[Part]:
-        rows = self._all(
+        rows = self._scan(
             "SELECT idx, committed_attempt, row_start, row_count FROM batches "
             "WHERE job_id=? AND status='COMMITTED' ORDER BY row_start",
             (job_id,),
@@ -475,7 +494,7 @@ class SqlStore(Store):
         return BatchPlan(*row) if row else None
 
     def failed_batches(self, job_id: int) -> list[int]:
-        rows = self._all(
+        rows = self._scan(
             "SELECT idx FROM batches WHERE job_id=? AND status='FAILED' ORDER BY idx", (job_id,)
         )
         return [r[0] for r in rows]

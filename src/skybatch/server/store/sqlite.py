@@ -1,5 +1,12 @@
 """SQLite under the SQL store: the schema, one connection, one ``BEGIN IMMEDIATE`` per
-change; :class:`SqliteStore` keeps it in a file (WAL) and watches that file."""
+change; :class:`SqliteStore` keeps it in a file (WAL) and watches that file.
+
+The server calls the store from its event loop, and from threads for work that can
+take long (scans of a big job's rows, writing state.db back). In the file store such
+a scan reads on a connection of its own (WAL lets it read beside the writer), and the
+write-back copies in steps, so that neither holds the lock a lease or commit on the
+loop waits for more than a few milliseconds.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +72,9 @@ CREATE TABLE IF NOT EXISTS outputs(
   path TEXT PRIMARY KEY, job_id INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id);
 """
+
+#: Pages the write-back copies per step, holding the lock (4 MB at the default page size).
+_BACKUP_STEP = 1024
 
 #: Columns added after the first schema: (table, column, declaration), applied in order.
 _ADDED_COLUMNS = [
@@ -156,12 +166,33 @@ class SqliteDatabase(SqlStore):
 
 
 class SqliteStore(SqliteDatabase):
-    """State in one SQLite file (WAL), written back if it is deleted under the server."""
+    """State in one SQLite file (WAL), written back if it is deleted under the server.
+
+    Scans (:meth:`_scan`) read on a second connection under a lock of their own.
+    """
 
     def __init__(self, path: Path | str) -> None:
         self._path = Path(path)
         self._home_id = self._dir_id()
         super().__init__(self._connect(), str(self._path))
+        self._read_lock = threading.Lock()
+        self._reader = self._connect_reader()
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        db = connect(str(self._path))
+        db.execute("PRAGMA query_only=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def _scan(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._read_lock:
+            self._refuse_if_lost()
+            return self._reader.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock, self._read_lock:
+            self._reader.close()
+            self._db.close()
 
     def _connect(self) -> sqlite3.Connection:
         # Created 0600 here (SQLite gives its -wal and -shm files the same mode); the
@@ -196,17 +227,16 @@ class SqliteStore(SqliteDatabase):
         if self._dir_id() != self._home_id:
             self._restore_home()
             return
-        with self._lock:
-            try:
-                aside = self._restore(what)
-            except (OSError, sqlite3.Error) as e:
-                self.problem = (
-                    f"{self._path} was {what} while the server ran and could not be restored "
-                    f"({e}); this server stopped serving: restart it to go on from what is "
-                    "on disk"
-                )
-                log.error("%s", self.problem)
-                return
+        try:
+            aside = self._restore(what)
+        except (OSError, sqlite3.Error) as e:
+            self.problem = (
+                f"{self._path} was {what} while the server ran and could not be restored "
+                f"({e}); this server stopped serving: restart it to go on from what is "
+                "on disk"
+            )
+            log.error("%s", self.problem)
+            return
         log.warning(
             "%s was %s while the server ran; restored it from the open database%s",
             self._path,
@@ -232,36 +262,57 @@ class SqliteStore(SqliteDatabase):
 
         home = self._path.parent
         self.home_lost = True
-        with self._lock:
-            try:
-                Home(home).ensure()
-                self._restore("replaced" if self._path.exists() else "deleted")
-                self._home_id = self._dir_id()
-            except (OSError, sqlite3.Error, SkyBatchError) as e:
-                self.problem = (
-                    f"SKYBATCH_HOME {home} was deleted while the server ran and could not be "
-                    f"restored ({e}); the jobs and pools it held are lost"
-                )
-                return
+        try:
+            Home(home).ensure()
+            self._restore("replaced" if self._path.exists() else "deleted")
+            self._home_id = self._dir_id()
+        except (OSError, sqlite3.Error, SkyBatchError) as e:
+            self.problem = (
+                f"SKYBATCH_HOME {home} was deleted while the server ran and could not be "
+                f"restored ({e}); the jobs and pools it held are lost"
+            )
 
     def _restore(self, what: str) -> Path | None:
+        """Write the open database back to the path and reopen it there; run in a thread.
+
+        The copy goes in steps with the lock released between them, so calls on the
+        event loop go on meanwhile: SQLite carries a change made through this same
+        connection during the copy into the copy. Only the last step and the swap of
+        files hold the lock to the end, so no change falls between copy and reopen.
+        """
         tmp = self._path.with_name(self._path.name + ".restoring")
         tmp.unlink(missing_ok=True)
         os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         copy = sqlite3.connect(str(tmp))
-        try:
-            self._db.backup(copy)
-        finally:
-            copy.close()
-        aside = None
-        if what == "replaced":
-            aside = self._path.with_name(f"{self._path.name}.replaced-{int(time.time())}")
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self._path, aside)
-        self._db.close()
-        # The old file's WAL must not be replayed into the copy.
-        for suffix in ("-wal", "-shm"):
-            self._path.with_name(self._path.name + suffix).unlink(missing_ok=True)
-        os.replace(tmp, self._path)
-        self._db = self._connect()
+        with self._lock:
+            try:
+                self._db.backup(copy, pages=_BACKUP_STEP, progress=self._between_steps)
+            finally:
+                copy.close()
+            aside = None
+            if what == "replaced":
+                aside = self._path.with_name(f"{self._path.name}.replaced-{int(time.time())}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self._path, aside)
+            with self._read_lock:
+                # Closed before the writer, whose close (the last on the old file) then
+                # checkpoints and removes the old WAL, never the new file's.
+                self._reader.close()
+                self._db.close()
+                # The old file's WAL must not be replayed into the copy.
+                for suffix in ("-wal", "-shm"):
+                    self._path.with_name(self._path.name + suffix).unlink(missing_ok=True)
+                os.replace(tmp, self._path)
+                self._db = self._connect()
+                self._reader = self._connect_reader()
         return aside
+
+    def _between_steps(self, status: int, remaining: int, total: int) -> None:
+        """Let the loop's calls in between two steps of the copy (not after the last)."""
+        if status == sqlite3.SQLITE_DONE:
+            return
+        self._lock.release()
+        try:
+            time.sleep(0.001)  # a waiter takes the lock now, not after our next step
+        finally:
+            self._lock.acquire()
