@@ -82,6 +82,15 @@ class PeakRss:
         self._thread.join()
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User plus system CPU of these processes themselves (not their children)."""
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def run_job(data: Path, out: Path, batch_size: int) -> tuple[float, skybatch.Job]:
     start = time.perf_counter()
     job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
@@ -105,8 +114,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="skybatch-bench-"))
     os.environ["SKYBATCH_HOME"] = str(tmp / "home")
-    from skybatch.client.launcher import stop_server
-    from skybatch.config import home, read_server_info
+    from skybatch.config import home
+
+    try:
+        from skybatch.client.launcher import stop_server
+        from skybatch.config import read_server_info
+    except ImportError:  # an older checkout, before the layers were split (to compare)
+        from skybatch.server.daemon import read_server_info, stop_server  # type: ignore
 
     try:
         data = tmp / "data.jsonl"
@@ -125,8 +139,14 @@ def main() -> None:
         assert info is not None
         agent_pid = skybatch.pool_status("bench")[0].worker_list[0].pid
         assert agent_pid is not None
+        workers = skybatch.pool_status("bench")[0].worker_list
+        agents = [psutil.Process(w.pid) for w in workers if w.pid]
+        server = psutil.Process(info.pid)
+        cpu_before = {"server": cpu_seconds([server]), "agents": cpu_seconds(agents)}
         with PeakRss({"server": info.pid, "agent": agent_pid}) as rss:
             job_s, job = run_job(data, tmp / "out.jsonl", args.batch_size)
+        cpu_after = {"server": cpu_seconds([server]), "agents": cpu_seconds(agents)}
+        batches = -(-args.rows // args.batch_size)
         assert job.info().committed_rows == args.rows
         same = (tmp / "out.jsonl").read_bytes() == (tmp / "baseline.jsonl").read_bytes()
 
@@ -144,6 +164,10 @@ def main() -> None:
             "skybatch_job_s": round(job_s, 2),
             "outputs_identical": same,
             "job_100_rows_median_s": round(statistics.median(small_times), 3),
+            # Control-plane CPU per batch: the server's and the agents' own (runners excluded).
+            "cpu_ms_per_batch": {
+                k: round((cpu_after[k] - cpu_before[k]) * 1000 / batches, 2) for k in cpu_after
+            },
             "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in rss.peak.items()},
         }
         print(json.dumps(results, indent=2))
