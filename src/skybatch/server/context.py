@@ -19,5 +19,7 @@ class Context:
     store: Store
     token: str
     url: str
+    #: PEM of the TLS certificate when the server serves HTTPS (agents pin it).
+    cert: str | None = None
     notifier: Notifier = field(default_factory=Notifier)
     clock: Callable[[], float] = time.time

@@ -9,7 +9,7 @@ from typing import Any
 
 from skybatch import defaults
 from skybatch.errors import ConflictError, NotFoundError
-from skybatch.pools.providers.base import Provider, WorkerLaunch, provider_for
+from skybatch.pools.providers.base import Provider, ServerAccess, WorkerLaunch, provider_for
 from skybatch.pools.registry import ProviderConfig, parse_config
 from skybatch.pools.spec import PoolSpec, check_pool_name, validate_pool_spec
 from skybatch.server.context import Context
@@ -43,7 +43,11 @@ class PoolService:
     def provider(self, config: ProviderConfig) -> Provider:
         key = config.model_dump_json()
         if key not in self._providers:
-            self._providers[key] = provider_for(config)
+            provider = provider_for(config)
+            provider.attach(
+                ServerAccess(self.ctx.url, self.ctx.token, self.ctx.home, self.ctx.cert)
+            )
+            self._providers[key] = provider
         return self._providers[key]
 
     def get(self, name: str) -> PoolRecord:
@@ -96,6 +100,8 @@ class PoolService:
     async def apply(self, name: str, raw_spec: dict[str, Any]) -> PoolRecord:
         check_pool_name(name)
         spec = validate_pool_spec(raw_spec, "invalid pool spec")
+        # Unreachable hosts, missing GPUs: refused before anything is stored or started.
+        await asyncio.to_thread(self.provider(spec.provider_config).check, spec)
         async with self._lock:
             store = self.ctx.store
             old = store.get_pool(name)
@@ -128,6 +134,11 @@ class PoolService:
     async def stop_all(self) -> None:
         """On server shutdown: stop every agent; the next start relaunches them."""
         await self._stop(self.ctx.store.list_workers(live_only=True), "server stopped")
+        for provider in self._providers.values():
+            try:
+                await asyncio.to_thread(provider.close)
+            except Exception:  # one provider's trouble must not keep the others open
+                log.exception("closing provider %s failed", provider.config.type)
 
     async def start_all(self) -> None:
         """On server start: bring every pool back to its size (agents may have survived)."""
@@ -167,6 +178,7 @@ class PoolService:
             server_url=self.ctx.url,
             token=self.ctx.token,
             home=self.ctx.home,
+            server_cert=self.ctx.cert,
         )
         try:
             handle = await asyncio.to_thread(self.provider(spec.provider_config).launch, launch)

@@ -17,7 +17,22 @@ from skybatch.config import Home
 from skybatch.pools.registry import ProviderConfig, provider_class
 from skybatch.pools.spec import PoolSpec
 
-__all__ = ["Provider", "WorkerLaunch", "provider_for"]
+__all__ = ["Provider", "ServerAccess", "WorkerLaunch", "provider_for"]
+
+
+@dataclass(frozen=True)
+class ServerAccess:
+    """How agents reach this server; given to a provider once, right after it is made.
+
+    A provider that keeps tunnels or connections (SSH) re-opens them from this after
+    a server restart, before any launch; ``cert`` is the PEM of the server's TLS
+    certificate when it serves HTTPS (agents trust that certificate and nothing else).
+    """
+
+    url: str
+    token: str
+    home: Home
+    cert: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,14 +46,42 @@ class WorkerLaunch:
     server_url: str
     token: str
     home: Home
+    #: The PEM of the server's certificate when it serves HTTPS (see ServerAccess).
+    server_cert: str | None = None
 
 
 class Provider(abc.ABC):
+    """Where a pool's workers run.
+
+    A handle returned by ``launch`` is JSON kept in the store; besides what the
+    provider needs, it carries ``host`` (where the worker runs, shown by `pool
+    status`) and ``gpus`` (the GPU indices given to it, a list, empty for none).
+    """
+
     #: The fields this provider's ``provider:`` mapping takes, validated at `pool apply`.
     config_model: ClassVar[type[ProviderConfig]]
+    #: Whether agents see the server's local files. When not, the provider starts its
+    #: agents with ``SKYBATCH_RELAY=1``: the server relays local-path inputs and outputs.
+    shares_files: ClassVar[bool] = True
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
+        self.access: ServerAccess | None = None
+
+    def attach(self, access: ServerAccess) -> None:
+        """Called once, before any other call: how agents reach the server."""
+        self.access = access
+
+    def check(self, spec: PoolSpec) -> None:
+        """Raise PoolSpecError, one line naming the field or host, when ``spec`` cannot
+        run here (an unreachable host, too few GPUs). Called at `pool apply`, in a thread."""
+        return None
+
+    def close(self) -> None:
+        """Release what the provider holds (tunnels, connections): the server is stopping,
+        after it stopped the agents. (After a crash, agents outlive the server; the next
+        one finds them again by their handles.)"""
+        return None
 
     @abc.abstractmethod
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
