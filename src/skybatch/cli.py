@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from skybatch.errors import SkyBatchError
+
+if TYPE_CHECKING:
+    from skybatch.wire import ScalingView, WorkerView
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,11 +81,11 @@ def pool_apply_cmd(file: str, name: str, yes: bool) -> None:
     spec = load_pool_file(file)  # validate before asking anything
     if not yes:
         click.confirm(
-            f"Apply pool {name!r}: {spec.workers} worker(s) on {spec.provider}?",
+            f"Apply pool {name!r}: {spec.size_text()} worker(s) on {spec.provider}?",
             default=True,
             abort=True,
         )
-    click.echo(f"Applying pool {name!r} ({spec.workers} workers); waiting for setup...")
+    click.echo(f"Applying pool {name!r} ({spec.size_text()} workers); waiting for setup...")
     view = pool_apply(file, name)
     click.echo(f"Pool {name!r} is {view.status}: {view.ready}/{view.workers} workers ready.")
 
@@ -104,17 +107,73 @@ def pool_status_cmd(name: str | None) -> None:
         jobs = ",".join(str(j) for j in p.active_jobs) or "-"
         rows.append([p.name, p.status, f"{p.ready}/{p.workers}", p.provider, res, jobs])
     click.echo(_table(["POOL", "STATUS", "READY", "PROVIDER", "RESOURCES", "JOBS"], rows))
+    for p in pools:
+        if p.scaling is not None:
+            click.echo(scaling_text(p.scaling, None if name else p.name))
     if name is not None:
         p = pools[0]
         click.echo("")
-        click.echo(
-            _table(
-                ["WORKER", "STATUS", "PID"],
-                [[w.index, w.status, w.pid or "-"] for w in p.worker_list],
-            )
-        )
+        click.echo(worker_table(p.worker_list))
         if p.error:
             click.echo(f"\nError: {p.error}")
+
+
+def scaling_text(s: ScalingView, pool: str | None = None) -> str:
+    """Why an autoscaled pool has its size: its bounds and queue, then its last step."""
+    text = (
+        f"Scaling{f' {pool}' if pool else ''}: {s.min_workers}-{s.max_workers} workers, "
+        f"idle_timeout {s.idle_timeout:g}s; now {s.reason}"
+    )
+    if s.last_decision is not None and s.decided_at is not None:
+        at = datetime.fromtimestamp(s.decided_at).strftime("%H:%M:%S")
+        text += (
+            f"\nLast step: {s.last_decision} (at {at}, "
+            f"{_duration(max(0.0, time.time() - s.decided_at))} ago)"
+        )
+    return text
+
+
+def worker_table(workers: Sequence[WorkerView]) -> str:
+    """`pool status NAME`'s worker rows: where each runs, its GPUs, what it is doing."""
+
+    def batch(w: WorkerView) -> str:
+        if w.batch is None:
+            return "-"
+        # A prefetched batch waits behind the one the runner works on.
+        return f"{w.batch} +{w.leases - 1}" if w.leases > 1 else str(w.batch)
+
+    def heard(w: WorkerView) -> str:
+        return "-" if w.heartbeat_age is None else f"{_duration(w.heartbeat_age)} ago"
+
+    return _table(
+        [
+            "WORKER",
+            "STATUS",
+            "PID",
+            "PROVIDER",
+            "HOST",
+            "GPUS",
+            "JOB",
+            "BATCH",
+            "DONE",
+            "HEARTBEAT",
+        ],
+        [
+            [
+                w.index,
+                w.status,
+                w.pid or "-",
+                w.provider or "-",
+                w.host or "-",
+                ",".join(str(g) for g in w.gpus) or "-",
+                "-" if w.job is None else w.job,
+                batch(w),
+                w.batches_done,
+                heard(w),
+            ]
+            for w in workers
+        ],
+    )
 
 
 @pool.command("down")
@@ -266,12 +325,19 @@ def server() -> None:
 
 
 @server.command("start")
+@click.option(
+    "--host",
+    metavar="ADDR",
+    help="Address to serve, one the workers reach (default 127.0.0.1, or "
+    "$SKYBATCH_SERVER_HOST). Any address but loopback is served over HTTPS only, with a "
+    "self-signed certificate made in SKYBATCH_HOME that clients and agents pin.",
+)
 @_errors
-def server_start_cmd() -> None:
+def server_start_cmd(host: str | None) -> None:
     """Start the server if it is not running."""
     from skybatch.client.launcher import ensure_server
 
-    info = ensure_server()
+    info = ensure_server(host=host)
     click.echo(f"Server running at {info.url} (pid {info.pid}).")
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ __all__ = [
     "forbid_inspection",
     "home",
     "open_private",
+    "pinned_context",
     "read_server_info",
+    "server_ssl",
 ]
 
 _GROUP_OTHER = stat.S_IRWXG | stat.S_IRWXO
@@ -75,6 +78,17 @@ class Home:
     @property
     def server_log(self) -> Path:
         return self.root / "logs" / "server.log"
+
+    @property
+    def cert_file(self) -> Path:
+        """The server's self-signed TLS certificate (PEM), made the first time it serves
+        a non-loopback address; clients and agents trust it and nothing else."""
+        return self.root / "server.crt"
+
+    @property
+    def key_file(self) -> Path:
+        """The private key of ``cert_file`` (0600)."""
+        return self.root / "server.key"
 
     def pool_dir(self, pool: str) -> Path:
         return self.root / "pools" / pool
@@ -140,10 +154,15 @@ class Home:
             )
         if mode & _GROUP_OTHER:
             os.chmod(self.root, 0o700)
-        private = (self.db, self.root / "state.db-wal", self.root / "state.db-shm")
+        private = (
+            self.db,
+            self.root / "state.db-wal",
+            self.root / "state.db-shm",
+            self.key_file,
+        )
         for path in (*private, self.root / "logs", self.server_log):
             self._check_file(path, tighten=True)
-        for path in (self.server_file, self.server_lock, self.start_lock):
+        for path in (self.server_file, self.server_lock, self.start_lock, self.cert_file):
             self._check_file(path, tighten=False)
         return self
 
@@ -271,6 +290,33 @@ def read_server_info(home: Home) -> ServerInfo | None:
         return ServerInfo(json.loads(home.server_file.read_text()))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def pinned_context(cert_pem: str) -> ssl.SSLContext:
+    """A client TLS context that trusts exactly the certificate ``cert_pem`` (self-signed):
+    no system CA, and no host name check, since the pinned certificate is the identity."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=cert_pem)
+    return context
+
+
+def server_ssl(home: Home, url: str) -> ssl.SSLContext | None:
+    """How a client of ``home`` verifies its server at ``url``: None for plain HTTP (a
+    loopback server), else a context pinned to the certificate in the home."""
+    if not url.startswith("https://"):
+        return None
+    try:
+        pem = home.cert_file.read_text()
+    except OSError as e:
+        raise ConfigError(
+            f"the server at {url} serves HTTPS but its certificate {home.cert_file} cannot be "
+            f"read ({e.strerror}); restart the server (`skybatch server stop`, then "
+            "`skybatch server start --host ADDR`)"
+        ) from None
+    return pinned_context(pem)
 
 
 def open_private(path: Path, flags: int = 0) -> int:

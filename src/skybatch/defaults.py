@@ -69,3 +69,8 @@ LOG_BUFFER_BYTES = _env_bytes("SKYBATCH_LOG_BUFFER_BYTES", 8 * 1024 * 1024)
 LOG_SHIP_TIMEOUT = 2.0
 #: Longest pause between an agent's retries of a part it cannot write (disk full).
 WRITE_RETRY_MAX_DELAY = 5.0
+
+#: The largest part an agent uploads through the server's relay (a worker that cannot
+#: see a local output's directory); the server streams it to disk, so this bounds the
+#: disk one request fills, not the server's memory.
+RELAY_PART_BYTES = 256 * 1024 * 1024

@@ -32,6 +32,7 @@ __all__ = [
     "ReduceResult",
     "Register",
     "ResumeRequest",
+    "ScalingView",
     "SetupFailed",
     "WorkerView",
 ]
@@ -121,18 +122,56 @@ class WorkerView(BaseModel):
     status: str
     pid: int | None
     error: str | None
+    # Defaults: a newer client reads an older server's answer.
+    provider: str = ""
+    #: Where it runs (``localhost``, an SSH host, a Ray node), None before it started.
+    host: str | None = None
+    #: The GPU indices given to it on its host.
+    gpus: list[int] = []
+    #: The job and batch its runner works on (its oldest lease), None when idle.
+    job: int | None = None
+    batch: int | None = None
+    #: Leases it holds, a prefetched batch included.
+    leases: int = 0
+    batches_done: int = 0
+    #: Seconds since the server last heard from it (heartbeat, lease, state change).
+    heartbeat_age: float | None = None
+
+
+class ScalingView(BaseModel):
+    """An autoscaled pool's size and why: what `pool status` says of it."""
+
+    min_workers: int
+    max_workers: int
+    idle_timeout: float
+    #: The size its queue asks for now, within min..max.
+    target: int
+    #: Pending batches of its jobs, counted up to 1,000 or max_workers (``waiting_capped``).
+    waiting: int
+    waiting_capped: bool = False
+    #: Live workers holding a lease, and ready ones holding none.
+    busy: int
+    idle: int
+    #: Why it has (or is moving to) its size now, one line.
+    reason: str
+    #: Its last scaling step (what it did and why) and when (epoch seconds); None before one.
+    last_decision: str | None = None
+    decided_at: float | None = None
 
 
 class PoolView(BaseModel):
     name: str
     status: str
     error: str | None
+    #: Its size: ``workers``, or for an autoscaled pool the size its queue asks for now.
     workers: int
     ready: int
     resources: dict[str, Any]
     provider: str
     worker_list: list[WorkerView]
     active_jobs: list[int]
+    #: Set for an autoscaled pool (``min_workers``/``max_workers``).
+    scaling: ScalingView | None = None
 
 
 class PoolApply(BaseModel):

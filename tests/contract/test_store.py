@@ -175,6 +175,54 @@ class StoreContract:
         b = store.lease("p", w2, now=1, ttl=TTL)
         assert a and b and {a.job_id, b.job_id} == {job, other}
 
+    # -- autoscaling -------------------------------------------------------------------
+
+    def test_pool_load_counts_waiting_batches_jobs_and_leases(self, store: Store) -> None:
+        job, w1, w2 = self.setup_job(store, n=5)
+        load = store.pool_load("p", cap=100)
+        assert (load.waiting, load.jobs) == (5, 1)
+        assert [(w.id, w.leases, w.idle_since) for w in load.workers] == [(w1, 0, 0), (w2, 0, 0)]
+        a = store.lease("p", w1, now=1, ttl=TTL)
+        assert a is not None
+        load = store.pool_load("p", cap=3)
+        assert load.waiting == 3, "counted up to the cap"
+        assert [(w.leases, w.idle_since) for w in load.workers] == [(1, None), (0, 0)]
+        store.commit(a.attempt, now=2)
+        # Idle again from the first heartbeat that finds no lease, and it stays so.
+        store.heartbeat(w1, [], now=3, ttl=TTL)
+        store.heartbeat(w1, [], now=4, ttl=TTL)
+        assert [w.idle_since for w in store.pool_load("p", cap=100).workers] == [3, 0]
+        assert store.pool_load("other", cap=100) == type(load)(0, 0, [])
+        store.set_job_status(job, JobStatus.CANCELLED, now=5)
+        assert (store.pool_load("p", cap=100).waiting, store.pool_load("p", cap=100).jobs) == (0, 0)
+
+    def test_an_idle_worker_is_stopped_and_gets_no_lease(self, store: Store) -> None:
+        _, w1, w2 = self.setup_job(store, n=5)
+        a = store.lease("p", w1, now=1, ttl=TTL)
+        assert a is not None
+        assert not store.stop_idle_worker(w1, idle_before=10, reason="idle", now=10), (
+            "a worker holding a lease is never stopped"
+        )
+        assert not store.stop_idle_worker(w2, idle_before=-1, reason="idle", now=10), (
+            "idle for less than asked"
+        )
+        assert store.stop_idle_worker(w2, idle_before=10, reason="scaled down", now=10)
+        stopped = store.get_worker(w2)
+        assert stopped is not None and stopped.status is WorkerStatus.STOPPED
+        assert stopped.error == "scaled down"
+        assert store.lease("p", w2, now=11, ttl=TTL) is None
+        assert not store.stop_idle_worker(w2, idle_before=10, reason="again", now=12)
+        assert [w.id for w in store.pool_load("p", cap=100).workers] == [w1]
+
+    def test_a_worker_that_is_not_ready_is_not_stopped_as_idle(self, store: Store) -> None:
+        store.put_pool("p", {"pool": {"max_workers": 2}}, now=0)
+        w = store.add_worker("p", 0, now=0)
+        store.heartbeat(w, [], now=1, ttl=TTL)
+        assert not store.stop_idle_worker(w, idle_before=5, reason="idle", now=5)
+        store.set_worker(w, status=WorkerStatus.READY, now=6)
+        assert store.pool_load("p", cap=1).workers[0].idle_since == 6
+        assert store.stop_idle_worker(w, idle_before=6, reason="idle", now=7)
+
     # -- pools, workers, jobs ----------------------------------------------------------
 
     def test_pools_are_put_listed_and_deleted(self, store: Store) -> None:
@@ -226,6 +274,35 @@ class StoreContract:
         assert [x.id for x in store.list_workers("p")] == [w1, w2]
         assert [x.id for x in store.list_workers("p", live_only=True)] == [w1]
         assert store.get_worker(999) is None
+
+    def test_worker_leases_and_batches_done(self, store: Store) -> None:
+        job, w1, w2 = self.setup_job(store, n=4)
+        store.put_pool("q", {"pool": {"workers": 1}}, now=0)
+        other = store.add_worker("q", 0, now=0)
+        store.set_worker(other, status=WorkerStatus.READY, now=0)
+        assert store.worker_leases("p") == {}
+        a = store.lease("p", w1, now=1, ttl=TTL)
+        b = store.lease("p", w1, now=1, ttl=TTL)  # prefetched behind a
+        c = store.lease("p", w2, now=1, ttl=TTL)
+        assert a and b and c
+        assert store.worker_leases("p") == {w1: [(job, 0), (job, 1)], w2: [(job, 2)]}
+        assert store.worker_leases("q") == {}
+        store.commit(a.attempt, now=2)
+        store.commit(a.attempt, now=3)  # a repeated commit counts once
+        store.fail(
+            c.attempt,
+            mapper_caused=True,
+            error="boom",
+            traceback=None,
+            now=3,
+            max_system_failures=3,
+        )
+        assert store.worker_leases("p") == {w1: [(job, 1)]}
+        done = {w.id: w.batches_done for w in store.list_workers()}
+        assert done == {w1: 1, w2: 0, other: 0}
+        store.commit(b.attempt, now=4)
+        assert store.get_worker(w1).batches_done == 2  # type: ignore[union-attr]
+        assert store.worker_leases("p") == {}
 
     def test_jobs_are_created_listed_and_forgotten(self, store: Store) -> None:
         job = store.create_job("j", "p", spec(), now=5)

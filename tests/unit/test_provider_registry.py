@@ -44,14 +44,15 @@ def test_a_spec_survives_the_wire_and_the_store() -> None:
 
 def test_unknown_name_names_the_known_ones() -> None:
     assert _error("provider: aws\n") == (
-        "pool.yaml line 3: provider: Input should be 'local' (the providers known here), not 'aws'"
+        "pool.yaml line 3: provider: Input should be 'local' or 'ray' or 'ssh' (the providers "
+        "known here), not 'aws'"
     )
     assert "not 'aws'" in _error("provider: {type: aws}\n")
 
 
 def test_the_test_provider_is_offered_only_when_asked_for(with_test_provider: None) -> None:
-    assert registry.known() == ["local", "test"]
-    assert "Input should be 'local' or 'test'" in _error("provider: aws\n")
+    assert registry.known() == ["local", "ray", "ssh", "test"]
+    assert "Input should be 'local' or 'ray' or 'ssh' or 'test'" in _error("provider: aws\n")
     spec = parse_pool_spec(_POOL + "provider: {type: test, alive_delay: 1.5}\n")
     assert spec.provider_config == FlakyConfig(alive_delay=1.5)
     assert isinstance(provider_for(spec.provider_config), FlakyProvider)

@@ -15,6 +15,7 @@ import errno
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -28,8 +29,9 @@ import httpx
 from skybatch import defaults
 from skybatch.agent.process import Outcome, Output, RunnerProcess
 from skybatch.batches import BatchPlan, lease_from_wire
-from skybatch.config import Home, forbid_inspection
-from skybatch.errors import SkyBatchError
+from skybatch.config import Home, forbid_inspection, pinned_context
+from skybatch.errors import InputError, OutputError, SkyBatchError
+from skybatch.io import storage
 from skybatch.io.base import InputReader, OutputWriter
 from skybatch.io.registry import reader_from_spec, writer_from_spec
 
@@ -63,20 +65,42 @@ def _dropped_marker(count: int) -> bytes:
     ).encode()
 
 
-class ServerLink:
-    """HTTP to the server that rides out its restarts (it may come back on a new port)."""
+def _wrong_certificate(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
-    def __init__(self, url: str, token: str, home: Home | None) -> None:
+
+class ServerLink:
+    """HTTP to the server that rides out its restarts (it may come back on a new port).
+
+    With ``cert`` (the PEM of an HTTPS server's certificate) it trusts that certificate
+    and nothing else: a server that shows another one is never sent the token.
+    """
+
+    def __init__(self, url: str, token: str, home: Home | None, cert: str | None = None) -> None:
         self.token = token
         self.home = home
+        self._verify: ssl.SSLContext | bool = pinned_context(cert) if cert else True
         self._lock = threading.Lock()
         self._client = self._make(url)
 
     def _make(self, url: str) -> httpx.Client:
+        if url.startswith("https://") and self._verify is True:
+            raise AgentExit(f"the server at {url} serves HTTPS, but no certificate was given")
+        headers = {"Authorization": f"Bearer {self.token}"}
+        # Through a tunnel (the SSH provider) the URL's port is the tunnel's: the server
+        # answers only the Host it serves on, which the provider passes on here.
+        if os.environ.get("SKYBATCH_SERVER_HOST"):
+            headers["Host"] = os.environ["SKYBATCH_SERVER_HOST"]
         return httpx.Client(
             base_url=url,
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers=headers,
             timeout=httpx.Timeout(30.0, connect=5.0),
+            verify=self._verify,
         )
 
     def _rediscover(self) -> None:
@@ -96,7 +120,13 @@ class ServerLink:
         while True:
             try:
                 response = self._client.request(method, path, **kwargs)
-            except httpx.TransportError:
+            except httpx.TransportError as e:
+                if _wrong_certificate(e):
+                    # Not the server this agent was given: waiting will not make it so.
+                    raise AgentExit(
+                        f"the server at {self._client.base_url} showed a TLS certificate "
+                        "other than the one this agent was given"
+                    ) from None
                 response = None
             if response is not None and response.status_code < 500:
                 if response.status_code == 401:
@@ -127,6 +157,8 @@ class JobContext:
     writers: list[OutputWriter]
     init: dict[str, Any]
     generation: int
+    #: Per writer: its parts go up to the server (a local output this worker cannot see).
+    relayed: list[bool]
 
 
 @dataclass
@@ -142,9 +174,18 @@ class Item:
     outcome: Outcome | None = None
 
 
+class _Revoked(Exception):
+    """The server says the attempt no longer holds its batch: nothing of it may land."""
+
+
 class Agent:
-    def __init__(self, link: ServerLink, worker_id: int, index: int, workdir: Path) -> None:
+    def __init__(
+        self, link: ServerLink, worker_id: int, index: int, workdir: Path, relay: bool = False
+    ) -> None:
         self.link = link
+        #: This worker does not see the server's files (SKYBATCH_RELAY=1): local-path
+        #: inputs and outputs go through the server (server/relay.py).
+        self.relay = relay
         self.worker_id = worker_id
         self.index = index
         self.workdir = workdir
@@ -228,7 +269,8 @@ class Agent:
                 "writers": [w.runner_spec() for w in writers],
                 "payload_format": reader.payload_format,
             }
-            ctx = JobContext(spec, reader, writers, init, generation)
+            relayed = [self.relay and storage.is_local(w.path) for w in writers]
+            ctx = JobContext(spec, reader, writers, init, generation, relayed)
             self.jobs[job_id] = ctx
         return ctx
 
@@ -257,10 +299,55 @@ class Agent:
             with self.lock:
                 self.held.add(item.attempt)
             try:
-                item.payload = self._job(item.job, item.generation).reader.read(item.plan)
+                reader = self._job(item.job, item.generation).reader
+                if self.relay:
+                    item.payload = self._read_relayed(reader, item)
+                else:
+                    item.payload = reader.read(item.plan)
             except SkyBatchError as e:
                 item.read_error = str(e)
             self.ready.put(item)
+
+    def _read_relayed(self, reader: InputReader, item: Item) -> bytes:
+        """The batch's payload: from the server when its source is a local path there."""
+        url = reader.source_url(item.plan)
+        if url is None or not storage.is_local(url):
+            return reader.read(item.plan)  # an object store, or a reader of the user's own
+        r = self.link.call(
+            "GET",
+            f"/v1/agent/jobs/{item.job}/batches/{item.plan.index}/input",
+            params={"attempt": item.attempt},
+        )
+        if r.status_code != 200:
+            raise InputError(_message(r))
+        return r.content
+
+    def _write_relayed(self, item: Item, writer: OutputWriter, data: bytes) -> None:
+        """Upload a part to the server, which writes it where this worker would have."""
+        index = item.plan.index
+        if writer.part_is_file:
+            data = writer.encode_part(index, data)
+        if len(data) > defaults.RELAY_PART_BYTES:
+            raise OutputError(
+                f"batch {index}'s part for {writer.path} is {len(data)} bytes, more than the "
+                f"relay to the server takes ({defaults.RELAY_PART_BYTES} bytes); lower "
+                "batch_size, or write the output to an object store the workers reach"
+            )
+        path = writer.part_path(item.job, index, item.attempt)
+        r = self.link.call(
+            "POST",
+            f"/v1/agent/attempts/{item.attempt}/part",
+            params={"job": item.job, "batch": index, "path": path},
+            content=data,
+        )
+        if r.status_code == 409:
+            raise _Revoked()
+        if r.status_code != 200:
+            error = OutputError(_message(r))
+            if r.json().get("error", {}).get("disk_full"):
+                # Seen as a full disk by _write_parts: kept, and tried again.
+                raise error from OSError(errno.ENOSPC, "no space left on the server")
+            raise error
 
     def _process(self, item: Item) -> Outcome:
         if item.read_error is not None:
@@ -322,8 +409,11 @@ class Agent:
                 self._ship_logs(item.job)
                 r = self.link.call("POST", f"{base}/commit")
                 if r.status_code == 409:
-                    for writer in job.writers:
-                        writer.discard_part(item.job, item.plan.index, item.attempt)
+                    for writer, relayed in zip(job.writers, job.relayed, strict=True):
+                        # (A relayed part lies on the server, never reduced, removed
+                        # with the job's staging area.)
+                        if not relayed:
+                            writer.discard_part(item.job, item.plan.index, item.attempt)
                 return
         self._ship_logs(item.job)
         self.link.call(
@@ -347,8 +437,13 @@ class Agent:
         reported = False
         while True:
             try:
-                for writer, data in zip(job.writers, parts, strict=True):
-                    writer.write_part(item.job, item.plan.index, item.attempt, data)
+                for writer, relayed, data in zip(job.writers, job.relayed, parts, strict=True):
+                    if relayed:
+                        self._write_relayed(item, writer, data)
+                    else:
+                        writer.write_part(item.job, item.plan.index, item.attempt, data)
+            except _Revoked:
+                return False
             except SkyBatchError as e:
                 if not _disk_full(e):
                     return str(e)
@@ -461,6 +556,14 @@ class Agent:
         return True
 
 
+def _message(r: httpx.Response) -> str:
+    """The one-line error of a refused request."""
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"the server answered {r.status_code}: {r.text[:200]}"
+
+
 def run_setup(link: ServerLink, worker_id: int, info: dict[str, Any], workdir: Path) -> bool:
     """Run the pool's setup once per worker; a marker with its hash skips it next time."""
     marker = workdir / ".skybatch" / "setup.done"
@@ -498,34 +601,56 @@ def run_setup(link: ServerLink, worker_id: int, info: dict[str, Any], workdir: P
     return True
 
 
-def _read_token() -> str:
-    """The provider hands the token over on stdin (read once), not in the environment,
+_PEM_END = "-----END CERTIFICATE-----"
+
+
+def _read_credentials(url: str, home: Home | None) -> tuple[str, str | None]:
+    """The token and, for an HTTPS server, the PEM of its certificate.
+
+    The provider hands the token over on stdin (read once), not in the environment,
     which every process of our user can read in /proc; an environment token (another
-    provider's way) is taken out of os.environ, so no child inherits it."""
-    token = os.environ.pop("SKYBATCH_TOKEN", "") or sys.stdin.readline().strip()
+    provider's way) is taken out of os.environ, so no child inherits it. A remote
+    provider writes the certificate after the token; an agent on the server's machine
+    finds it in SKYBATCH_HOME instead."""
+    token = os.environ.pop("SKYBATCH_TOKEN", "")
+    cert_lines: list[str] = []
+    if not token:
+        token = sys.stdin.readline().strip()
+        if url.startswith("https://"):
+            for _ in range(1000):  # a certificate is a few dozen lines; bounded all the same
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                cert_lines.append(line)
+                if line.strip() == _PEM_END:
+                    break
     with contextlib.suppress(OSError):
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
     if not token:
         raise SystemExit("skybatch agent: no token on stdin or in SKYBATCH_TOKEN")
-    return token
+    cert = "".join(cert_lines).strip() or None
+    if cert is None and url.startswith("https://") and home is not None:
+        with contextlib.suppress(OSError):
+            cert = home.cert_file.read_text()
+    return token, cert
 
 
 def main() -> int:
     forbid_inspection()  # the token lives in this process's memory
     url = os.environ["SKYBATCH_SERVER_URL"]
-    token = _read_token()
-    worker_id = int(os.environ["SKYBATCH_WORKER_ID"])
     home = Home(Path(os.environ["SKYBATCH_HOME"])) if os.environ.get("SKYBATCH_HOME") else None
+    token, cert = _read_credentials(url, home)
+    worker_id = int(os.environ["SKYBATCH_WORKER_ID"])
     workdir = Path.cwd()
 
     def on_term(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    link = ServerLink(url, token, home)
     try:
+        link = ServerLink(url, token, home, cert)
         r = link.call("POST", f"/v1/agent/workers/{worker_id}/register", json={"pid": os.getpid()})
         if r.status_code >= 400:
             _say(f"not registered: {r.text}")
@@ -535,7 +660,10 @@ def main() -> int:
         if not run_setup(link, worker_id, info, workdir):
             return 1
         link.call("POST", f"/v1/agent/workers/{worker_id}/ready")
-        Agent(link, worker_id, info["index"], workdir).run()
+        relay = os.environ.get("SKYBATCH_RELAY") == "1"
+        if relay:
+            _say("local paths of the server are relayed through it (SKYBATCH_RELAY=1)")
+        Agent(link, worker_id, info["index"], workdir, relay).run()
     except AgentExit as e:
         _say(f"exiting: {e}")
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from skybatch.client.launcher import ensure_server
-from skybatch.config import Home
+from skybatch.config import Home, server_ssl
 from skybatch.config import home as current_home
 from skybatch.errors import ServerError, SkyBatchError, error_from_payload
 
@@ -41,6 +41,8 @@ class Client:
             base_url=url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(120.0, connect=5.0),
+            # An HTTPS server: its own certificate, from the home, and no other.
+            verify=server_ssl(home, url) or True,
         )
 
     @classmethod

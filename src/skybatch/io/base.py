@@ -195,6 +195,17 @@ class InputReader:
         half = batch.row_count // 2
         return batch.halved(batch.start + half, half, batch.line + half)
 
+    def source_url(self, batch: BatchPlan) -> str | None:
+        """Where :meth:`read` reads ``batch`` from; None when the reader fetches its rows
+        itself (a reader of your own), which a relay cannot stand in for."""
+        return None
+
+    def payload_range(self, batch: BatchPlan) -> tuple[bytes, str, int, int] | None:
+        """``(prefix, url, start, end)`` when ``read(batch)`` is ``prefix`` followed by
+        bytes ``[start, end)`` of ``url``: the server's relay then streams the batch
+        instead of holding it. None when the payload is computed (Parquet rows)."""
+        return None
+
 
 class OutputWriter:
     """Base class of output formats. Subclasses set ``kind`` and implement the methods.
@@ -305,7 +316,14 @@ class OutputWriter:
         """Whether a final output is already there (publishing over it needs overwrite)."""
         return storage.exists(self.path, self.storage_options)
 
-    def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
+    #: Whether a part is one file at :meth:`part_path` (what :meth:`encode_part` returns);
+    #: a writer whose part is a directory of files (images) sets False, and the relay
+    #: hands its encoded part to :meth:`write_part` on the server.
+    part_is_file: ClassVar[bool] = True
+
+    def encode_part(self, batch: int, data: bytes) -> bytes:
+        """A part's stored bytes from the runner's ``data`` (on the worker: a writer of
+        your own's ``write_batch`` runs here)."""
         if self._by_batch():
             rows = pickle.loads(data)  # plain values from this job's runner
             data = self.write_batch(rows)
@@ -314,9 +332,15 @@ class OutputWriter:
                     f"{type(self).__name__}.write_batch must return bytes, got "
                     f"{type(data).__name__}"
                 )
+        return data
+
+    def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
         # Durable before the commit that makes it part of the output.
         storage.write_bytes(
-            self.part_path(job_id, batch, attempt), data, self.storage_options, sync=True
+            self.part_path(job_id, batch, attempt),
+            self.encode_part(batch, data),
+            self.storage_options,
+            sync=True,
         )
 
     def discard_part(self, job_id: int, batch: int, attempt: int) -> None:

@@ -43,6 +43,9 @@ class _Entry:
 
 _BUILTIN: dict[str, _Entry] = {
     "local": _Entry("skybatch.pools.providers.local", "LocalProvider"),
+    "ray": _Entry("skybatch.pools.providers.ray", "RayProvider", extra="ray"),
+    # The system's OpenSSH client does the work: no Python dependency to install.
+    "ssh": _Entry("skybatch.pools.providers.ssh", "SshProvider"),
 }
 _TESTING = {"test": _Entry("skybatch.pools.providers.testing", "FlakyProvider")}
 

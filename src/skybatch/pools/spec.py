@@ -3,7 +3,10 @@
 ::
 
     pool:
-      workers: 2            # how many workers
+      workers: 2            # how many workers (a fixed size), or instead:
+      # min_workers: 0      # autoscaling: never fewer (default 0)
+      # max_workers: 4      # never more; one worker per waiting batch up to this
+      # idle_timeout: 60    # seconds a worker idles (holds no lease) before it stops
     resources:
       cpus: 1+              # per worker: "2" exactly, "2+" at least
       memory: 8+            # GB per worker, same forms
@@ -15,6 +18,17 @@
                             # {type: NAME, ...} with the provider's own fields
 
 Errors name the file, the line, the field and what is allowed.
+
+Autoscaling (``min_workers``/``max_workers``, exclusive with ``workers``): the server
+grows the pool while batches wait, to one worker per waiting or running batch (at
+least one while a job is still being indexed), up to ``max_workers``; a ready worker
+that has held no lease for ``idle_timeout`` seconds is stopped while the pool is above
+what its queue needs, down to ``min_workers``. A worker holding a lease is never
+stopped for idleness: it is marked stopped in the transaction that finds it holds
+none, so no lease reaches it afterwards. The pool is READY once ``min_workers`` of
+its workers are (at once for a pool of min 0), DEGRADED when it falls below that
+after being ready; a job on a pool of 0 makes it grow. ``workers: N`` is the same as
+``min_workers: N, max_workers: N``, without ``idle_timeout``.
 """
 
 from __future__ import annotations
@@ -32,14 +46,17 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 
 from skybatch.errors import ConfigError, PoolSpecError
 from skybatch.pools import registry
 
 __all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
     "MAX_JOB_NAME",
     "PoolSpec",
     "check_pool_name",
@@ -100,8 +117,75 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Seconds an autoscaled pool's worker idles before it may be stopped, unless given.
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+_SIZE_HINT = "give pool.workers (a fixed size) or pool.min_workers/max_workers (autoscaling)"
+
+
 class PoolSection(_Strict):
-    workers: int = Field(ge=1, le=4096, description="number of workers")
+    # Fields are validated in this order: each validator sees the ones above it.
+    workers: int | None = Field(None, ge=1, le=4096, description="number of workers")
+    min_workers: int | None = Field(None, ge=0, le=4096)
+    max_workers: int | None = Field(None, ge=1, le=4096, validate_default=True)
+    idle_timeout: float | None = Field(None, gt=0, le=86400)
+
+    @field_validator("min_workers")
+    @classmethod
+    def _min(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("workers") is not None:
+            raise ValueError(f"not with pool.workers: {_SIZE_HINT}, not both")
+        return v
+
+    @field_validator("max_workers")
+    @classmethod
+    def _max(cls, v: int | None, info: ValidationInfo) -> int | None:
+        workers, low = info.data.get("workers"), info.data.get("min_workers")
+        if v is None and low is not None:
+            raise ValueError("missing: an autoscaled pool needs pool.max_workers")
+        if v is not None and workers is not None:
+            raise ValueError(f"not with pool.workers: {_SIZE_HINT}, not both")
+        if v is not None and low is not None and low > v:
+            raise ValueError(
+                f"{v} is less than pool.min_workers ({low}); make max_workers at least min_workers"
+            )
+        return v
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("workers") is not None:
+            raise ValueError(
+                "only for an autoscaled pool: use pool.min_workers/max_workers "
+                "instead of pool.workers, or drop idle_timeout"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _sized(self) -> PoolSection:
+        if self.workers is None and self.max_workers is None:
+            raise ValueError(f"no size: {_SIZE_HINT}")
+        return self
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.workers is None
+
+    @property
+    def low(self) -> int:
+        """The fewest workers: ``workers``, or ``min_workers`` (default 0)."""
+        return self.workers if self.workers is not None else self.min_workers or 0
+
+    @property
+    def high(self) -> int:
+        """The most workers: ``workers``, or ``max_workers``."""
+        size = self.workers if self.workers is not None else self.max_workers
+        assert size is not None  # the validators require one of them
+        return size
+
+    @property
+    def idle_after(self) -> float:
+        return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
 
 
 class Resources(_Strict):
@@ -171,7 +255,20 @@ class PoolSpec(_Strict):
 
     @property
     def workers(self) -> int:
-        return self.pool.workers
+        """The most workers the pool runs at once: its size, or ``max_workers``."""
+        return self.pool.high
+
+    @property
+    def min_workers(self) -> int:
+        return self.pool.low
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.pool.autoscaled
+
+    def size_text(self) -> str:
+        """``3`` for a fixed pool, ``0-4`` for an autoscaled one."""
+        return f"{self.pool.low}-{self.pool.high}" if self.autoscaled else str(self.pool.high)
 
     @property
     def provider(self) -> str:

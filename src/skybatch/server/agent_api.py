@@ -1,4 +1,4 @@
-"""The agent protocol: register, lease, heartbeat, commit, fail, logs.
+"""The agent protocol: register, lease, heartbeat, commit, fail, logs (and the relay).
 
 These routes are on every batch's path, so they skip FastAPI's dependency
 injection and response models: plain Starlette routes, bodies validated with
@@ -22,6 +22,7 @@ from skybatch.errors import ConfigError, SkyBatchError
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService
 from skybatch.server.pools import PoolService
+from skybatch.server.relay import Relay
 from skybatch.wire import (
     INT64_MAX,
     FailRequest,
@@ -118,8 +119,13 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
         body = await _body(request, HealthReport)
         jobs.report_health(_int(request, "job"), _int(request, "worker"), body.message)
 
+    # Local files for agents that cannot see them (SKYBATCH_RELAY=1): see relay.py.
+    relay = Relay(ctx)
+
     base = "/v1/agent"
     return [
+        Route(f"{base}/jobs/{{job}}/batches/{{batch}}/input", relay.input, methods=["GET"]),
+        Route(f"{base}/attempts/{{attempt}}/part", relay.part, methods=["POST"]),
         route(f"{base}/workers/{{worker}}/register", register),
         route(f"{base}/workers/{{worker}}/ready", ready),
         route(f"{base}/workers/{{worker}}/setup-failed", setup_failed),

@@ -138,7 +138,8 @@ def create_app(ctx: Context) -> FastAPI:
     )
 
     # Host, token and body size are checked before routing, for the agent's routes too.
-    app.add_middleware(Guard, token=ctx.token, port=urlsplit(ctx.url).port or 0)
+    served = urlsplit(ctx.url)
+    app.add_middleware(Guard, token=ctx.token, port=served.port or 0, host=served.hostname)
 
     @app.exception_handler(SkyBatchError)
     async def on_error(request: Request, exc: SkyBatchError) -> JSONResponse:

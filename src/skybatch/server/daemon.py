@@ -1,9 +1,11 @@
 """The server process.
 
 One server per ``SKYBATCH_HOME``: it holds ``server.lock`` for its whole life,
-binds 127.0.0.1 on the configured port (``SKYBATCH_SERVER_PORT``), else the
-port it had last time, else any free one, and records pid and URL in
-``server.json``. Clients find, start and stop it with ``client/launcher.py``.
+binds 127.0.0.1 (or ``--host`` / ``SKYBATCH_SERVER_HOST``, else the address it had
+last time) on the configured port (``SKYBATCH_SERVER_PORT``), else the port it had
+last time, else any free one, and records pid and URL in ``server.json``. Any
+address but loopback is served over HTTPS only, with the home's self-signed
+certificate (``tls.py``). Clients find, start and stop it with ``client/launcher.py``.
 """
 
 from __future__ import annotations
@@ -17,18 +19,50 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from skybatch.config import Home, forbid_inspection, open_private, read_server_info
 from skybatch.config import home as current_home
 from skybatch.errors import ServerError, SkyBatchError
 from skybatch.server.homefiles import write_server_file
+from skybatch.server.tls import ensure_certificate, is_loopback
 
 __all__ = ["main", "serve"]
 
 HOST = "127.0.0.1"
+#: The address to serve when ``--host`` is not given (``server.host`` of the deployment).
+HOST_ENV = "SKYBATCH_SERVER_HOST"
 
 
-def _bind(home: Home) -> socket.socket:
+def _host(home: Home, given: str | None) -> str:
+    """The address to bind: given, configured, else where the last server was (agents that
+    outlived a crash look for it there), else loopback."""
+    host = given or os.environ.get(HOST_ENV)
+    if not host:
+        previous = read_server_info(home)
+        host = (urlsplit(previous.url).hostname if previous else None) or HOST
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", "*"):
+        raise ServerError(
+            f"--host {host} names no one address agents could reach the server by; "
+            "give the address of this machine that the workers reach (`ip addr`)"
+        )
+    return host
+
+
+def _url(host: str, port: int, tls: bool) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def _bind(home: Home, host: str) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ServerError(
+            f"cannot serve on --host {host}: {e.strerror}; give an address or name of this "
+            "machine (`ip addr`)"
+        ) from None
     wanted = []
     if os.environ.get("SKYBATCH_SERVER_PORT"):
         wanted.append(int(os.environ["SKYBATCH_SERVER_PORT"]))
@@ -40,10 +74,10 @@ def _bind(home: Home) -> socket.socket:
         wanted.append(0)
     last_error: OSError | None = None
     for port in wanted:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((HOST, port))
+            sock.bind((host, port))
         except OSError as e:
             sock.close()
             last_error = e
@@ -51,10 +85,14 @@ def _bind(home: Home) -> socket.socket:
         sock.listen(2048)
         sock.set_inheritable(False)
         return sock
-    raise ServerError(f"cannot bind {HOST}:{wanted[0]}: {last_error}")
+    where = f"{host}:{wanted[0]}" if wanted[0] else host
+    raise ServerError(
+        f"cannot bind {where}: {last_error}; give an address of this machine (`ip addr`) "
+        "and a free port"
+    )
 
 
-def serve(home: Home) -> int:
+def serve(home: Home, host: str | None = None) -> int:
     import uvicorn
 
     from skybatch.server.app import create_app
@@ -74,10 +112,14 @@ def serve(home: Home) -> int:
         print(f"a skybatch server already runs for {home.root}", file=sys.stderr)
         return 0
     token = home.create_token()
-    sock = _bind(home)
+    host = _host(home, host)
+    # Off this machine the token would cross the network in the clear: TLS or nothing.
+    tls = not is_loopback(host)
+    cert = ensure_certificate(home, host) if tls else None
+    sock = _bind(home, host)
     port = sock.getsockname()[1]
-    url = f"http://{HOST}:{port}"
-    ctx = Context(home=home, store=SqliteStore(home.db), token=token, url=url)
+    url = _url(host, port, tls)
+    ctx = Context(home=home, store=SqliteStore(home.db), token=token, url=url, cert=cert)
     app = create_app(ctx)
     # httptools (fast per request), with each request head bounded in size and time.
     config = uvicorn.Config(
@@ -86,6 +128,8 @@ def serve(home: Home) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=1,
+        ssl_certfile=str(home.cert_file) if tls else None,
+        ssl_keyfile=str(home.key_file) if tls else None,
     )
     write_server_file(home, url)
     logging.getLogger("skybatch.server").info("serving %s on %s", home.root, url)
@@ -112,14 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skybatch.server")
     parser.add_argument("--home", help="deployment directory (default: SKYBATCH_HOME)")
     parser.add_argument("--detach", action="store_true", help="run in the background")
+    parser.add_argument(
+        "--host", help=f"address to serve (default: ${HOST_ENV}, else {HOST}); not loopback: HTTPS"
+    )
     args = parser.parse_args(argv)
-    if args.detach:
-        if os.fork() > 0:
-            os._exit(0)
-        os.setsid()
     home = Home(Path(args.home).resolve()) if args.home else current_home()
     try:
-        return serve(home)
+        # A wrong --host fails here, before the fork, where the starting client sees it.
+        _bind(home, _host(home, args.host)).close()
+        if args.detach:
+            if os.fork() > 0:
+                os._exit(0)
+            os.setsid()
+        return serve(home, args.host)
     except SkyBatchError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

@@ -19,11 +19,14 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from skybatch import defaults
+
 __all__ = [
     "AGENT_LOG_BODY_LIMIT",
     "BODY_LIMIT",
     "HEAD_LIMIT",
     "HEAD_TIMEOUT",
+    "RELAY_PART_BODY_LIMIT",
     "SUBMIT_BODY_LIMIT",
     "Guard",
     "HttpProtocol",
@@ -43,6 +46,9 @@ BODY_LIMIT = 1 * MiB
 SUBMIT_BODY_LIMIT = 256 * MiB
 #: An agent ships a runner's new output, or a failed setup's last lines.
 AGENT_LOG_BODY_LIMIT = 16 * MiB
+
+#: A part uploaded through the relay (streamed to disk, not held).
+RELAY_PART_BODY_LIMIT = defaults.RELAY_PART_BYTES
 
 #: The request line and headers together: our clients send well under 1 KiB.
 HEAD_LIMIT = 64 * 1024
@@ -141,8 +147,11 @@ def body_limit(method: str, path: str) -> int:
         return BODY_LIMIT
     if path == "/v1/jobs" or (path.startswith("/v1/jobs/") and path.endswith("/resume")):
         return SUBMIT_BODY_LIMIT
-    if path.startswith("/v1/agent/") and ("/logs/" in path or path.endswith("/setup-failed")):
-        return AGENT_LOG_BODY_LIMIT
+    if path.startswith("/v1/agent/"):
+        if "/logs/" in path or path.endswith("/setup-failed"):
+            return AGENT_LOG_BODY_LIMIT
+        if path.endswith("/part"):
+            return RELAY_PART_BODY_LIMIT
     return BODY_LIMIT
 
 
@@ -156,13 +165,19 @@ class _TooLarge(Exception):
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, token: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, token: str, port: int, host: str | None = None) -> None:
         self.app = app
         self._auth = f"Bearer {token}".encode()
         # Only the names this server is reached by: a browser page on another origin
         # whose name was rebound to 127.0.0.1 still sends its own name as Host.
-        self._hosts = {f"{h}:{port}".encode() for h in ("127.0.0.1", "localhost", "[::1]")}
-        self._host_hint = f"127.0.0.1:{port}, localhost:{port} or [::1]:{port}"
+        names = ["127.0.0.1", "localhost", "[::1]"]
+        if host:
+            # The address it serves (with --host), as agents on other machines name it.
+            shown = f"[{host}]" if ":" in host else host
+            if shown not in names:
+                names.insert(0, shown.lower())
+        self._hosts = {f"{h}:{port}".encode() for h in names}
+        self._host_hint = ", ".join(f"{h}:{port}" for h in names[:-1]) + f" or {names[-1]}:{port}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

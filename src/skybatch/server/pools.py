@@ -9,14 +9,16 @@ from typing import Any
 
 from skybatch import defaults
 from skybatch.errors import ConflictError, NotFoundError
+from skybatch.pools.gpus import GpuLedger
 from skybatch.pools.providers.base import Provider, ServerAccess, WorkerLaunch, provider_for
 from skybatch.pools.registry import ProviderConfig, parse_config
 from skybatch.pools.spec import PoolSpec, check_pool_name, validate_pool_spec
+from skybatch.server.autoscale import Decision, decide
 from skybatch.server.context import Context
 from skybatch.server.jobs import JobService
 from skybatch.server.store import PoolRecord, WorkerRecord
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
-from skybatch.wire import PoolView, WorkerView
+from skybatch.wire import PoolView, ScalingView, WorkerView
 
 __all__ = ["PoolService"]
 
@@ -24,6 +26,13 @@ log = logging.getLogger("skybatch.server")
 
 #: A worker that dies this many times in a row before becoming ready fails its pool.
 _MAX_EARLY_DEATHS = 3
+
+#: Seconds before a worker whose launch failed is tried again: doubling up to the last.
+_LAUNCH_BACKOFF = (1.0, 60.0)
+
+#: Waiting batches counted per autoscaling decision (or max_workers, if more): enough to
+#: size the pool, and a bounded read on the event loop however long the queue (0.3 ms).
+_WAITING_CAP = 1000
 
 #: Liveness checks in flight at once: each holds a thread while it waits (on a network
 #: round trip, for a remote provider), and the threads are shared with launches and stops.
@@ -39,6 +48,13 @@ class PoolService:
         self._providers: dict[str, Provider] = {}
         self._early_deaths: dict[tuple[str, int], int] = defaultdict(int)
         self._lock = asyncio.Lock()
+        # Autoscaling: the step under way per pool, and each pool's last decision and when.
+        self._scaling: dict[str, asyncio.Task[None]] = {}
+        self._decisions: dict[str, tuple[str, float]] = {}
+        # Pools with a worker whose launch failed: when to try again (the clock's time).
+        self._retry_at: dict[str, float] = {}
+        # Who holds which GPUs, across pools and providers: launches claim from it.
+        self._gpus = GpuLedger()
 
     def provider(self, config: ProviderConfig) -> Provider:
         key = config.model_dump_json()
@@ -72,28 +88,65 @@ class PoolService:
             workers + (failed if pool.status is PoolStatus.FAILED else []),
             key=lambda w: (w.index, w.id),
         )
+        scaling = self._scaling_view(pool.name, spec) if spec.autoscaled else None
         return PoolView(
             name=pool.name,
             status=pool.status.value,
             error=pool.error,
-            workers=spec.workers,
+            workers=scaling.target if scaling else spec.workers,
             ready=sum(w.status is WorkerStatus.READY for w in workers),
             resources=spec.resources.model_dump(exclude_none=True),
             provider=spec.provider,
-            worker_list=[
+            worker_list=self._worker_views(pool.name, spec, shown),
+            active_jobs=[
+                j.id for j in self.ctx.store.list_jobs(active_only=True) if j.pool == pool.name
+            ],
+            scaling=scaling,
+        )
+
+    def _scaling_view(self, name: str, spec: PoolSpec) -> ScalingView:
+        decision = self._decide(name, spec)
+        last, at = self._decisions.get(name, (None, None))
+        return ScalingView(
+            min_workers=spec.min_workers,
+            max_workers=spec.workers,
+            idle_timeout=spec.pool.idle_after,
+            target=decision.target,
+            waiting=decision.waiting,
+            waiting_capped=decision.waiting_capped,
+            busy=decision.busy,
+            idle=decision.idle,
+            reason=decision.reason,
+            last_decision=last,
+            decided_at=at,
+        )
+
+    def _worker_views(
+        self, pool: str, spec: PoolSpec, workers: list[WorkerRecord]
+    ) -> list[WorkerView]:
+        leases = self.ctx.store.worker_leases(pool)
+        now = self.ctx.clock()
+        views = []
+        for w in workers:
+            held = leases.get(w.id, [])
+            views.append(
                 WorkerView(
                     id=w.id,
                     index=w.index,
                     status=w.status.value,
                     pid=w.handle.get("pid"),
                     error=w.error,
+                    provider=spec.provider,
+                    host=w.handle.get("host"),
+                    gpus=w.handle.get("gpus") or [],
+                    job=held[0][0] if held else None,
+                    batch=held[0][1] if held else None,
+                    leases=len(held),
+                    batches_done=w.batches_done,
+                    heartbeat_age=None if w.last_seen is None else max(0.0, now - w.last_seen),
                 )
-                for w in shown
-            ],
-            active_jobs=[
-                j.id for j in self.ctx.store.list_jobs(active_only=True) if j.pool == pool.name
-            ],
-        )
+            )
+        return views
 
     # -- apply and down ------------------------------------------------------------------
 
@@ -101,7 +154,9 @@ class PoolService:
         check_pool_name(name)
         spec = validate_pool_spec(raw_spec, "invalid pool spec")
         # Unreachable hosts, missing GPUs: refused before anything is stored or started.
-        await asyncio.to_thread(self.provider(spec.provider_config).check, spec)
+        # Its own workers' GPUs count as free: the check asks whether the whole pool fits.
+        held = self._synced_gpus().held(exclude_pool=name)
+        await asyncio.to_thread(self.provider(spec.provider_config).check, spec, held)
         async with self._lock:
             store = self.ctx.store
             old = store.get_pool(name)
@@ -133,6 +188,8 @@ class PoolService:
 
     async def stop_all(self) -> None:
         """On server shutdown: stop every agent; the next start relaunches them."""
+        # A scaling step under way finishes first: a launch cut short would leave its agent.
+        await asyncio.gather(*self._scaling.values(), return_exceptions=True)
         await self._stop(self.ctx.store.list_workers(live_only=True), "server stopped")
         for provider in self._providers.values():
             try:
@@ -148,7 +205,8 @@ class PoolService:
                     await self._reconcile(pool.name)
 
     async def _reconcile(self, name: str) -> None:
-        """Launch missing workers and stop extra ones, so the pool has its configured size."""
+        """Launch missing workers and stop extra ones, so the pool has its size: ``workers``,
+        or for an autoscaled pool what its queue asks (``autoscale.decide``)."""
         store = self.ctx.store
         pool = store.get_pool(name)
         if pool is None or pool.status is PoolStatus.FAILED:
@@ -164,8 +222,73 @@ class PoolService:
         if extra:
             await self._stop(extra, "pool resized")
         missing = [i for i in range(spec.workers) if i not in keep]
+        if spec.autoscaled:
+            decision = self._decide(name, spec)
+            stop = [w for w in keep.values() if w.id in decision.stop]
+            stopped = await self._stop_idle(stop, spec.pool.idle_after)
+            if decision.launch or stopped:
+                self._decisions[name] = (decision.reason, self.ctx.clock())
+                log.info("pool %s: %s", name, decision.reason)
+            # The lowest free indices: a worker started again finds its directory and setup.
+            missing = missing[: decision.launch]
         await asyncio.gather(*(self._launch(name, i, spec) for i in missing))
         self._update_status(name)
+
+    def _decide(self, name: str, spec: PoolSpec) -> Decision:
+        cap = max(_WAITING_CAP, spec.workers)
+        load = self.ctx.store.pool_load(name, cap)
+        return decide(
+            low=spec.min_workers,
+            high=spec.workers,
+            idle_timeout=spec.pool.idle_after,
+            waiting=load.waiting,
+            waiting_capped=load.waiting >= cap,
+            jobs=load.jobs,
+            workers=load.workers,
+            now=self.ctx.clock(),
+        )
+
+    async def _stop_idle(self, workers: list[WorkerRecord], idle_after: float) -> int:
+        """Stop idle workers of an autoscaled pool: each only if the store, in the same
+        transaction, finds it still holds no lease (one handed out since is kept). How
+        many it stopped."""
+        now = self.ctx.clock()
+        reason = f"idle for {idle_after:g}s: pool scaled down"
+        stopped = [
+            w
+            for w in workers
+            if self.ctx.store.stop_idle_worker(w.id, now - idle_after, reason, now)
+        ]
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    self.provider(self._config_of(w)).terminate, w.handle, defaults.KILL_GRACE
+                )
+                for w in stopped
+            )
+        )
+        for w in stopped:
+            self.ctx.notifier.notify(("pool", w.pool))
+        return len(stopped)
+
+    def _autoscale(self) -> None:
+        """Start a scaling step for each autoscaled pool whose queue asks for one; in a
+        task of its own, so a slow launch never holds up the monitor's lease expiry."""
+        for pool in self.ctx.store.list_pools():
+            if pool.status is PoolStatus.FAILED or pool.name in self._scaling:
+                continue
+            spec = PoolSpec.model_validate(pool.spec)
+            if spec.autoscaled and self._decide(pool.name, spec).changes:
+                self._scaling[pool.name] = asyncio.create_task(self._scale(pool.name))
+
+    async def _scale(self, name: str) -> None:
+        try:
+            async with self._lock:
+                await self._reconcile(name)
+        except Exception:  # the next tick tries again
+            log.exception("scaling pool %s failed", name)
+        finally:
+            self._scaling.pop(name, None)
 
     async def _launch(self, pool: str, index: int, spec: PoolSpec) -> None:
         store = self.ctx.store
@@ -179,19 +302,47 @@ class PoolService:
             token=self.ctx.token,
             home=self.ctx.home,
             server_cert=self.ctx.cert,
+            gpus=self._synced_gpus(),
         )
         try:
             handle = await asyncio.to_thread(self.provider(spec.provider_config).launch, launch)
         except Exception as e:
             log.exception("launching worker %d of pool %s failed", index, pool)
-            store.set_worker(
-                worker_id, status=WorkerStatus.LOST, error=str(e), now=self.ctx.clock()
-            )
-            store.set_pool_status(
-                pool, PoolStatus.FAILED, f"could not start worker {index}: {e}", self.ctx.clock()
-            )
+            self._launch_failed(pool, index, worker_id, e)
             return
         store.set_worker(worker_id, handle=handle, now=self.ctx.clock())
+
+    def _launch_failed(self, pool: str, index: int, worker_id: int, error: Exception) -> None:
+        """A launch that failed counts as an early death: tried again with backoff while
+        the pool has a ready worker or tries left, the pool DEGRADED with the one-line
+        error (naming the host, for a remote provider); FAILED once it has neither."""
+        store, now = self.ctx.store, self.ctx.clock()
+        store.set_worker(worker_id, status=WorkerStatus.LOST, error=str(error), now=now)
+        key = (pool, index)
+        self._early_deaths[key] += 1
+        failures = self._early_deaths[key]
+        message = f"could not start worker {index}: {error}"
+        working = any(
+            w.status is WorkerStatus.READY for w in store.list_workers(pool, live_only=True)
+        )
+        if failures >= _MAX_EARLY_DEATHS and not working:
+            store.set_pool_status(pool, PoolStatus.FAILED, f"{message} ({failures} tries)", now)
+            return
+        delay = min(_LAUNCH_BACKOFF[0] * 2 ** (failures - 1), _LAUNCH_BACKOFF[1])
+        self._retry_at[pool] = min(self._retry_at.get(pool, now + delay), now + delay)
+        store.set_pool_status(
+            pool, PoolStatus.DEGRADED, f"{message}; trying again in {delay:g}s", now
+        )
+
+    def _retry_launches(self) -> None:
+        """Launch again the workers of pools whose backoff after a failed launch is over;
+        in a task, like a scaling step (and never beside one)."""
+        now = self.ctx.clock()
+        for name, at in list(self._retry_at.items()):
+            if at > now or name in self._scaling:
+                continue
+            del self._retry_at[name]
+            self._scaling[name] = asyncio.create_task(self._scale(name))
 
     async def _stop(self, workers: list[WorkerRecord], reason: str) -> None:
         if not workers:
@@ -219,6 +370,14 @@ class PoolService:
             self.ctx.notifier.notify(("pool", w.pool))
         await self.jobs.handle_exhausted(exhausted)
 
+    def _synced_gpus(self) -> GpuLedger:
+        """The ledger, brought in line with the store: derived from it, so a worker stopped
+        or lost by any path frees its GPUs, and one started by an earlier server holds them."""
+        self._gpus.sync(
+            (w.id, w.pool, w.handle) for w in self.ctx.store.list_workers(live_only=True)
+        )
+        return self._gpus
+
     def _config_of(self, worker: WorkerRecord) -> ProviderConfig:
         pool = self.ctx.store.get_pool(worker.pool)
         return PoolSpec.model_validate(pool.spec).provider_config if pool else parse_config("local")
@@ -233,7 +392,9 @@ class PoolService:
         ready = sum(
             w.status is WorkerStatus.READY for w in store.list_workers(name, live_only=True)
         )
-        if ready >= spec.workers:
+        # Ready once the workers it always keeps are: all of a fixed pool, an autoscaled
+        # pool's min_workers (at once for 0). Growing with the queue is not provisioning.
+        if ready >= spec.min_workers:
             status = PoolStatus.READY
         elif pool.status in (PoolStatus.READY, PoolStatus.DEGRADED):
             status = PoolStatus.DEGRADED
@@ -285,7 +446,7 @@ class PoolService:
         message = (
             f"setup failed on worker {w.index} with exit code {exit_code} "
             f"(last output: {_last_line(output)!r}); fix `setup` in the pool YAML and apply it "
-            f"again; full output in {self.ctx.home.worker_log(w.pool, w.index)}"
+            f"again; full output in {self._log_of(w)}"
         )
         now = self.ctx.clock()
         self.ctx.store.set_worker(
@@ -304,7 +465,8 @@ class PoolService:
     # -- monitoring ----------------------------------------------------------------------
 
     async def monitor_once(self) -> None:
-        """Requeue expired leases; replace workers whose process died."""
+        """Requeue expired leases; replace workers whose process died; scale autoscaled
+        pools with their queues."""
         store = self.ctx.store
         pools, exhausted = store.expire_leases(self.ctx.clock(), defaults.MAX_SYSTEM_FAILURES)
         for pool_name in pools:
@@ -312,6 +474,8 @@ class PoolService:
         await self.jobs.handle_exhausted(exhausted)
         for w in await self._dead_workers():
             await self._lost(w)
+        self._retry_launches()
+        self._autoscale()
 
     async def _dead_workers(self) -> list[WorkerRecord]:
         """Live workers whose provider says their agent is gone, asked off the event loop:
@@ -345,18 +509,30 @@ class PoolService:
             key = (w.pool, w.index)
             self._early_deaths[key] += 1
             if self._early_deaths[key] >= _MAX_EARLY_DEATHS:
-                log_path = self.ctx.home.worker_log(w.pool, w.index)
+                if w.handle.get("log"):
+                    # A remote worker's log is on its host: named, not read from here.
+                    last = ""
+                else:
+                    last = f" (last output: {_last_line(_tail(self._log_of(w)))!r})"
                 store.set_pool_status(
                     w.pool,
                     PoolStatus.FAILED,
-                    f"worker {w.index} died {_MAX_EARLY_DEATHS} times before it was ready "
-                    f"(last output: {_last_line(_tail(log_path))!r}); see {log_path}",
+                    f"worker {w.index} died {_MAX_EARLY_DEATHS} times before it was ready"
+                    f"{last}; see {self._log_of(w)}",
                     now,
                 )
                 self.ctx.notifier.notify(("pool-status", w.pool))
                 return
         async with self._lock:
             await self._reconcile(w.pool)
+
+    def _log_of(self, w: WorkerRecord) -> str:
+        """Where the worker's agent and setup output is: on its host for a remote worker
+        (its handle's ``log``), else this server's worker log."""
+        if w.handle.get("log"):
+            host = w.handle.get("host")
+            return f"{w.handle['log']} on host {host}" if host else str(w.handle["log"])
+        return str(self.ctx.home.worker_log(w.pool, w.index))
 
 
 def _last_line(text: str) -> str:

@@ -200,6 +200,15 @@ class CsvReader(FileReader):
             header += b"\n"
         return header + body
 
+    def source_url(self, batch: BatchPlan) -> str:
+        return self.files()[batch.file]
+
+    def payload_range(self, batch: BatchPlan) -> tuple[bytes, str, int, int]:
+        header = self._header(batch.file)
+        if not header.endswith(b"\n"):
+            header += b"\n"
+        return header, self.files()[batch.file], batch.start, batch.end
+
     def split(self, batch: BatchPlan) -> list[BatchPlan]:
         url = self.files()[batch.file]
         data = storage.read_range(url, batch.start, batch.end, self.storage_options)

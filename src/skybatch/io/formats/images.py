@@ -34,6 +34,8 @@ class ImageWriter(OutputWriter):
     kind = "image"
     part_format = codec.IMAGE
     part_ext = "d"
+    # A part is a directory of files: the relay hands the packed part to write_part.
+    part_is_file = False
 
     def __init__(
         self,

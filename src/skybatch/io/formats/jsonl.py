@@ -114,6 +114,12 @@ class JsonReader(FileReader):
             self._url(batch.file), batch.start, batch.end, self.storage_options
         )
 
+    def source_url(self, batch: BatchPlan) -> str:
+        return self._url(batch.file)
+
+    def payload_range(self, batch: BatchPlan) -> tuple[bytes, str, int, int]:
+        return b"", self._url(batch.file), batch.start, batch.end
+
     def cleanup(self) -> None:
         if self.scratch is not None:
             storage.remove_tree(self.scratch, self.storage_options)

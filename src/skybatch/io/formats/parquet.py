@@ -111,6 +111,9 @@ class ParquetReader(FileReader):
         rows = table.slice(batch.start - starts[first], batch.row_count).to_pylist()
         return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
 
+    def source_url(self, batch: BatchPlan) -> str:
+        return self.files()[batch.file]
+
 
 class ParquetWriter(FileWriter):
     """Writes results as Parquet: one file (default) or, with ``shards=True``, a
@@ -126,7 +129,7 @@ class ParquetWriter(FileWriter):
     part_format = codec.RECORDS
     part_ext = "parquet"
 
-    def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
+    def encode_part(self, batch: int, data: bytes) -> bytes:
         rows = pickle.loads(data)  # plain values from this job's runner
         try:
             table = pa.Table.from_pylist(rows)
@@ -137,7 +140,8 @@ class ParquetWriter(FileWriter):
             ) from None
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        super().write_part(job_id, batch, attempt, sink.getvalue().to_pybytes())
+        encoded: bytes = sink.getvalue().to_pybytes()
+        return encoded
 
     def merge(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         urls = [self.part_path(job_id, p.batch, p.attempt) for p in parts]

@@ -10,10 +10,11 @@ round trip) never holds up its event loop.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from skybatch.config import Home
+from skybatch.pools.gpus import GpuLedger, Held
 from skybatch.pools.registry import ProviderConfig, provider_class
 from skybatch.pools.spec import PoolSpec
 
@@ -48,6 +49,9 @@ class WorkerLaunch:
     home: Home
     #: The PEM of the server's certificate when it serves HTTPS (see ServerAccess).
     server_cert: str | None = None
+    #: Who holds which GPUs on every host; a pool with ``accelerators`` claims this
+    #: worker's from it (``GpuLedger.claim``) and puts them in the handle's ``gpus``.
+    gpus: GpuLedger = field(default_factory=GpuLedger)
 
 
 class Provider(abc.ABC):
@@ -72,9 +76,12 @@ class Provider(abc.ABC):
         """Called once, before any other call: how agents reach the server."""
         self.access = access
 
-    def check(self, spec: PoolSpec) -> None:
+    def check(self, spec: PoolSpec, held: Held | None = None) -> None:
         """Raise PoolSpecError, one line naming the field or host, when ``spec`` cannot
-        run here (an unreachable host, too few GPUs). Called at `pool apply`, in a thread."""
+        run here (an unreachable host, too few GPUs). Called at `pool apply`, in a thread.
+
+        ``held``: host → GPU index → pool, the GPUs other pools' live workers hold
+        (``gpus.check_fits`` takes one host's)."""
         return None
 
     def close(self) -> None:

@@ -15,10 +15,17 @@ from typing import Any, ClassVar, Literal
 import psutil
 
 from skybatch.config import Home
+from skybatch.errors import PoolError, PoolSpecError
+from skybatch.pools import gpus
 from skybatch.pools.providers.base import Provider, WorkerLaunch
 from skybatch.pools.registry import ProviderConfig
+from skybatch.pools.spec import PoolSpec
 
-__all__ = ["LocalConfig", "LocalProvider"]
+__all__ = ["HOST", "LocalConfig", "LocalProvider"]
+
+#: The host local workers run on, as handles and `pool status` name it (and the
+#: GPU ledger keys it).
+HOST = "localhost"
 
 
 class LocalConfig(ProviderConfig):
@@ -39,7 +46,27 @@ class LocalProvider(Provider):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
+    def check(self, spec: PoolSpec, held: gpus.Held | None = None) -> None:
+        if spec.resources.accelerators is None:
+            return
+        try:
+            present = gpus.local_gpus()
+        except PoolError as e:
+            raise PoolSpecError(f"{e}; the pool asks for {spec.resources.accelerators}") from None
+        taken = (held or {}).get(HOST, {})
+        gpus.check_fits(present, taken, spec.resources.accelerators, spec.workers, "this machine")
+
+    def _place(self, worker: WorkerLaunch) -> list[int]:
+        accelerators = worker.spec.resources.accelerators
+        if accelerators is None:
+            return []
+        where = "this machine"
+        return worker.gpus.claim(
+            worker.worker_id, worker.pool, HOST, gpus.local_gpus(where), accelerators, where
+        )
+
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
+        placed = self._place(worker)
         workdir = worker.home.worker_dir(worker.pool, worker.index)
         workdir.mkdir(parents=True, exist_ok=True)
         if worker.spec.workdir:
@@ -47,7 +74,12 @@ class LocalProvider(Provider):
         log = worker.home.worker_log(worker.pool, worker.index)
         log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        # A pool without accelerators sees no GPU, unless its envs say otherwise: its
+        # mapper must not land on GPUs that another pool's workers hold.
+        env.update(gpus.cuda_env(placed))
         env.update(worker.spec.envs)
+        if placed:
+            env.update(gpus.cuda_env(placed))  # what was placed wins over the envs
         env.pop("SKYBATCH_TOKEN", None)
         env.update(
             SKYBATCH_HOME=str(worker.home.root),
@@ -56,12 +88,13 @@ class LocalProvider(Provider):
             SKYBATCH_WORKER_INDEX=str(worker.index),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.agent_env(worker))
         log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(log_fd, "ab") as out:
             # The token goes down a pipe, not the environment: /proc/<agent>/environ is
             # readable by every process of our user, the mapper's included.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "skybatch.agent"],
+                [*self.agent_prefix(worker), sys.executable, "-m", "skybatch.agent"],
                 cwd=workdir,
                 env=env,
                 stdin=subprocess.PIPE,
@@ -81,7 +114,21 @@ class LocalProvider(Provider):
             created = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             created = 0.0
-        return {"pid": proc.pid, "create_time": created, "dir": str(workdir)}
+        return {
+            "pid": proc.pid,
+            "create_time": created,
+            "dir": str(workdir),
+            "host": HOST,
+            "gpus": placed,
+        }
+
+    def agent_env(self, worker: WorkerLaunch) -> dict[str, str]:
+        """Variables a subclass adds to the agent's environment (the test provider's relay)."""
+        return {}
+
+    def agent_prefix(self, worker: WorkerLaunch) -> list[str]:
+        """A command the agent runs under (exec'ing it, so its pid is the agent's)."""
+        return []
 
     def is_alive(self, handle: dict[str, Any]) -> bool:
         return self._running(handle)

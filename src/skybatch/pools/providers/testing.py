@@ -9,6 +9,7 @@ while running real agents::
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Literal
 
@@ -21,6 +22,16 @@ from skybatch.pools.registry import ProviderConfig
 
 __all__ = ["FlakyConfig", "FlakyProvider"]
 
+#: ``sh -c _HIDE <count> <path>... <command>...``, run in the worker directory: an empty
+#: tmpfs over each path, then the worker directory bound back at its own path (through
+#: the cwd, which still reaches it) and entered, and the command exec'd.
+_HIDE = (
+    'n="$0"; while [ "$n" -gt 0 ]; do '
+    'mount -t tmpfs -o mode=0700,size=1m skybatch-hide "$1" || exit 97; shift; n=$((n-1)); done; '
+    'wd="$PWD"; mkdir -p "$wd" && mount --no-canonicalize --bind . "$wd" && cd "$wd" '
+    '|| exit 97; exec "$@"'
+)
+
 
 class FlakyConfig(ProviderConfig):
     type: Literal["test"] = "test"
@@ -30,6 +41,13 @@ class FlakyConfig(ProviderConfig):
     terminate_delay: float = Field(default=0.0, ge=0, le=60)
     #: When set, every launch fails with this message.
     fail_launch: str | None = None
+    #: Agents run with ``SKYBATCH_RELAY=1``, as an SSH or Ray provider's do: the server
+    #: relays local-path inputs and outputs (``shares_files`` is then False).
+    relay: bool = False
+    #: Absolute paths the agents must not see: each lies under an empty tmpfs in a mount
+    #: namespace of the agent's own (its worker directory is bound back), so an agent
+    #: that reads or writes there instead of through the relay fails.
+    hide: list[str] = Field(default_factory=list, max_length=16)
 
 
 class FlakyProvider(LocalProvider):
@@ -39,6 +57,32 @@ class FlakyProvider(LocalProvider):
         super().__init__(config or FlakyConfig())
         assert isinstance(self.config, FlakyConfig)
         self.flaky: FlakyConfig = self.config
+
+    @property
+    def shares_files(self) -> bool:  # type: ignore[override]
+        return not self.flaky.relay
+
+    def agent_env(self, worker: WorkerLaunch) -> dict[str, str]:
+        return {"SKYBATCH_RELAY": "1"} if self.flaky.relay else {}
+
+    def agent_prefix(self, worker: WorkerLaunch) -> list[str]:
+        if not self.flaky.hide:
+            return []
+        if any(not os.path.isabs(p) for p in self.flaky.hide):
+            raise PoolError(f"provider.hide takes absolute paths, got {self.flaky.hide}")
+        ns = ["--mount", "--propagation", "private"]
+        if os.geteuid() != 0:
+            ns = ["--map-root-user", "--mount"]  # mount needs root in a user namespace
+        return [
+            "unshare",
+            *ns,
+            "--",
+            "sh",
+            "-c",
+            _HIDE,
+            str(len(self.flaky.hide)),
+            *self.flaky.hide,
+        ]
 
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
         time.sleep(self.flaky.launch_delay)

@@ -36,9 +36,12 @@ __all__ = [
     "LeaseStore",
     "Maintenance",
     "PoisonStore",
+    "PoolLoad",
     "PoolRecord",
     "PoolStore",
+    "ScalingStore",
     "Store",
+    "WorkerLoad",
     "WorkerRecord",
     "WorkerStore",
 ]
@@ -65,6 +68,33 @@ class WorkerRecord:
     last_seen: float | None
     error: str | None
     last_job: int | None
+    #: Batches it committed.
+    batches_done: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A live worker as autoscaling sees it."""
+
+    id: int
+    index: int
+    status: WorkerStatus
+    #: Leases it holds (a prefetched batch too).
+    leases: int
+    #: Since when it holds none (set when it becomes ready, cleared by a lease, set again
+    #: by its first heartbeat after), or None while it holds one or has not been ready.
+    idle_since: float | None
+
+
+@dataclass(frozen=True)
+class PoolLoad:
+    """What a pool's queue asks of it, read at once for an autoscaling decision."""
+
+    #: Pending batches of its unfinished jobs (backoffs too), counted up to the cap asked.
+    waiting: int
+    #: Its jobs still pending or running.
+    jobs: int
+    workers: list[WorkerLoad]
 
 
 class JobRecord(JobFields):
@@ -144,6 +174,11 @@ class WorkerStore(abc.ABC):
     def list_workers(
         self, pool: str | None = None, live_only: bool = False
     ) -> list[WorkerRecord]: ...
+
+    @abc.abstractmethod
+    def worker_leases(self, pool: str) -> dict[int, list[tuple[int, int]]]:
+        """The (job, batch) each of the pool's workers holds a lease on, by worker id,
+        oldest lease first (the batch its runner works on; a prefetched one after)."""
 
 
 class JobStore(abc.ABC):
@@ -311,6 +346,21 @@ class LeaseStore(abc.ABC):
         """Put back expired leases; (pools with new work, (job, batch) of those that ran out)."""
 
 
+class ScalingStore(abc.ABC):
+    """Autoscaling: a pool's queue and idle workers, and stopping an idle one safely."""
+
+    @abc.abstractmethod
+    def pool_load(self, pool: str, cap: int) -> PoolLoad:
+        """The pool's waiting batches (at most ``cap`` counted), unfinished jobs and live
+        workers with their leases and idle times: a few indexed reads, for the loop."""
+
+    @abc.abstractmethod
+    def stop_idle_worker(self, worker_id: int, idle_before: float, reason: str, now: float) -> bool:
+        """Mark a ready worker STOPPED if it holds no lease and has idled since
+        ``idle_before`` or earlier; whether it did. One transaction with the check, so a
+        lease (which skips stopped workers) never reaches a worker being stopped."""
+
+
 class Maintenance(abc.ABC):
     """Keeping the store itself: pruning, the state file, closing."""
 
@@ -332,6 +382,15 @@ class Maintenance(abc.ABC):
     def close(self) -> None: ...
 
 
-class Store(PoolStore, WorkerStore, JobStore, BatchStore, PoisonStore, LeaseStore, Maintenance):
+class Store(
+    PoolStore,
+    WorkerStore,
+    JobStore,
+    BatchStore,
+    PoisonStore,
+    LeaseStore,
+    ScalingStore,
+    Maintenance,
+):
     """Pools, workers, jobs, batches and attempts, each change one transaction: the
     union the server's services take."""

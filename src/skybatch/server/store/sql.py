@@ -22,8 +22,10 @@ from skybatch.server.store.base import (
     AttemptRecord,
     JobRecord,
     Lease,
+    PoolLoad,
     PoolRecord,
     Store,
+    WorkerLoad,
     WorkerRecord,
 )
 from skybatch.server.store.claims import OutputClaimed, claimed_outputs
@@ -81,6 +83,7 @@ def _worker(row: Row) -> WorkerRecord:
         last_seen=row["last_seen"],
         error=row["error"],
         last_job=row["last_job"],
+        batches_done=row["batches_done"],
     )
 
 
@@ -214,6 +217,9 @@ class SqlStore(Store):
         if status is not None:
             sets.append("status=?")
             args.append(status.value)
+            if status is WorkerStatus.READY:
+                sets.append("idle_since=?")  # idle from the moment it can take work
+                args.append(now)
         if handle is not None:
             sets.append("handle=?")
             args.append(orjson.dumps(handle).decode())
@@ -237,6 +243,17 @@ class SqlStore(Store):
             sql += f" AND status IN ({','.join('?' * len(live))})"
             args.extend(live)
         return [_worker(r) for r in self._all(sql + " ORDER BY pool, idx, id", args)]
+
+    def worker_leases(self, pool: str) -> dict[int, list[tuple[int, int]]]:
+        leases: dict[int, list[tuple[int, int]]] = {}
+        for worker_id, job_id, batch in self._all(
+            "SELECT a.worker_id, a.job_id, a.batch FROM attempts a "
+            "JOIN workers w ON w.id=a.worker_id WHERE a.status='LEASED' AND w.pool=? "
+            "ORDER BY a.id",
+            (pool,),
+        ):
+            leases.setdefault(worker_id, []).append((job_id, batch))
+        return leases
 
     # -- jobs and batches ----------------------------------------------------------------
 
@@ -542,7 +559,8 @@ class SqlStore(Store):
                 (now, job_id),
             )
             db.execute(
-                "UPDATE workers SET last_job=?, last_seen=? WHERE id=?", (job_id, now, worker_id)
+                "UPDATE workers SET last_job=?, last_seen=?, idle_since=NULL WHERE id=?",
+                (job_id, now, worker_id),
             )
             assert job_id is not None
             generation = db.execute("SELECT generation FROM jobs WHERE id=?", (job_id,)).fetchone()[
@@ -562,7 +580,14 @@ class SqlStore(Store):
         self, worker_id: int, attempts: Sequence[int], now: float, ttl: float
     ) -> list[int]:
         with self._tx() as db:
-            db.execute("UPDATE workers SET last_seen=? WHERE id=?", (now, worker_id))
+            # Idle from the first heartbeat that finds it holding no lease (a lease clears
+            # it): autoscaling's clock, kept off the per-batch commit.
+            db.execute(
+                "UPDATE workers SET last_seen=?, idle_since=CASE WHEN EXISTS(SELECT 1 FROM "
+                "attempts WHERE worker_id=? AND status='LEASED') THEN NULL "
+                "ELSE COALESCE(idle_since, ?) END WHERE id=?",
+                (now, worker_id, now, worker_id),
+            )
             revoked = []
             for attempt in attempts:
                 cur = db.execute(
@@ -574,11 +599,53 @@ class SqlStore(Store):
                     revoked.append(attempt)
             return revoked
 
+    # -- autoscaling ---------------------------------------------------------------------
+
+    def pool_load(self, pool: str, cap: int) -> PoolLoad:
+        waiting = self._one(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM batches b JOIN jobs j ON j.id=b.job_id "
+            "WHERE j.pool=? AND j.status IN (?,?) AND b.status='PENDING' LIMIT ?)",
+            (pool, *_ACTIVE, cap),
+        )
+        jobs = self._one(
+            "SELECT COUNT(*) FROM jobs WHERE pool=? AND status IN (?,?)", (pool, *_ACTIVE)
+        )
+        live = [s.value for s in WorkerStatus if s.live]
+        rows = self._all(
+            "SELECT w.id, w.idx, w.status, w.idle_since, (SELECT COUNT(*) FROM attempts a "
+            "WHERE a.worker_id=w.id AND a.status='LEASED') FROM workers w "
+            f"WHERE w.pool=? AND w.status IN ({','.join('?' * len(live))}) ORDER BY w.idx, w.id",
+            (pool, *live),
+        )
+        return PoolLoad(
+            waiting=waiting[0] if waiting else 0,
+            jobs=jobs[0] if jobs else 0,
+            workers=[WorkerLoad(r[0], r[1], WorkerStatus(r[2]), r[4], r[3]) for r in rows],
+        )
+
+    def stop_idle_worker(self, worker_id: int, idle_before: float, reason: str, now: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE workers SET status=?, error=?, last_seen=? WHERE id=? AND status=? "
+                "AND idle_since<=? AND NOT EXISTS(SELECT 1 FROM attempts "
+                "WHERE worker_id=? AND status='LEASED')",
+                (
+                    WorkerStatus.STOPPED.value,
+                    reason,
+                    now,
+                    worker_id,
+                    WorkerStatus.READY.value,
+                    idle_before,
+                    worker_id,
+                ),
+            )
+            return cur.rowcount == 1
+
     def _live_attempt(self, db: Connection, attempt: int) -> Row | None:
         """The attempt's row if it still holds its batch's lease (fencing)."""
         row: Row | None = db.execute(
-            "SELECT a.job_id, a.batch, b.row_count, b.failures, b.system_failures, b.signals, "
-            "j.max_retries, j.retry_backoff FROM attempts a "
+            "SELECT a.job_id, a.batch, a.worker_id, b.row_count, b.failures, b.system_failures, "
+            "b.signals, j.max_retries, j.retry_backoff FROM attempts a "
             "JOIN batches b ON b.job_id=a.job_id AND b.idx=a.batch "
             "JOIN jobs j ON j.id=a.job_id "
             "WHERE a.id=? AND a.status='LEASED' AND b.status='LEASED' AND b.attempt=a.id "
@@ -614,6 +681,9 @@ class SqlStore(Store):
                 "UPDATE jobs SET committed_batches=committed_batches+1, "
                 "committed_rows=committed_rows+?, version=version+1 WHERE id=?",
                 (row["row_count"], row["job_id"]),
+            )
+            db.execute(
+                "UPDATE workers SET batches_done=batches_done+1 WHERE id=?", (row["worker_id"],)
             )
             job = db.execute("SELECT * FROM jobs WHERE id=?", (row["job_id"],)).fetchone()
             return _job(job)

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS pools(
 CREATE TABLE IF NOT EXISTS workers(
   id INTEGER PRIMARY KEY AUTOINCREMENT, pool TEXT NOT NULL, idx INTEGER NOT NULL,
   status TEXT NOT NULL, handle TEXT NOT NULL DEFAULT '{}', started_at REAL NOT NULL,
-  last_seen REAL, error TEXT, last_job INTEGER);
+  last_seen REAL, error TEXT, last_job INTEGER, idle_since REAL,
+  batches_done INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS workers_pool ON workers(pool, status);
 CREATE TABLE IF NOT EXISTS jobs(
   id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, pool TEXT NOT NULL,
@@ -85,6 +86,8 @@ _ADDED_COLUMNS = [
     ("jobs", "index_starts", "INTEGER NOT NULL DEFAULT 0"),
     ("batches", "signals", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "reduce_starts", "INTEGER NOT NULL DEFAULT 0"),
+    ("workers", "idle_since", "REAL"),
+    ("workers", "batches_done", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 

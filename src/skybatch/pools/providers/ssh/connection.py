@@ -1,0 +1,250 @@
+"""One host over the system's OpenSSH client: a master connection that every command
+shares (ControlMaster), commands with bounded time, and a reverse tunnel to the server
+that a thread keeps open."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from skybatch.errors import PoolError
+from skybatch.pools.providers.ssh.config import Host, SshConfig
+
+__all__ = ["CONNECT_TIMEOUT", "Connection", "Tunnel", "kill_left_over", "last_line"]
+
+log = logging.getLogger("skybatch.server")
+
+#: Seconds ssh waits for a host to answer before it gives up.
+CONNECT_TIMEOUT = 10
+#: A connection that answers no keepalive for 3 × 5 s is dropped (and re-opened).
+_ALIVE = ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+#: Backoff of a tunnel that cannot be opened, in seconds: doubling up to the last.
+_BACKOFF = (0.5, 10.0)
+
+_NOISE = re.compile(r"^(debug\d:|Warning: Permanently added|Connection to .* closed)")
+
+
+def last_line(stderr: str) -> str:
+    """ssh's own last word on stderr, without its debug chatter."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not _NOISE.match(ln)]
+    return lines[-1] if lines else "no message from ssh"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+class Connection:
+    """Commands on one host, sharing one master connection while it lives."""
+
+    def __init__(self, host: Host, config: SshConfig, control: Path) -> None:
+        self.host = host
+        self.config = config
+        self.control = control
+        self._master: subprocess.Popen[bytes] | None = None
+        self._tried = 0.0
+        self._lock = threading.Lock()
+
+    def options(self) -> list[str]:
+        """What every ssh to this host takes: the user's config and key, never a prompt."""
+        args = ["ssh"]
+        if self.config.ssh_config:
+            args += ["-F", os.path.expanduser(self.config.ssh_config)]
+        if self.config.identity_file:
+            args += ["-i", os.path.expanduser(self.config.identity_file)]
+            args += ["-o", "IdentitiesOnly=yes"]
+        return [*args, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", *_ALIVE]
+
+    def _command(self, script: str) -> list[str]:
+        # The remote login shell may be anything (fish, zsh): hand the script to sh.
+        return [
+            *self.options(),
+            "-o", "ControlMaster=no", "-o", f"ControlPath={self.control}",
+            *self.host.destination(), "--", "sh -c " + shlex.quote(script),
+        ]  # fmt: skip
+
+    def ensure_master(self) -> None:
+        """Open the master connection if none lives (a dead one's commands go direct)."""
+        with self._lock:
+            if self._master is not None and self._master.poll() is None:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                self.control.unlink()  # a socket its dead master left behind
+            self._tried = time.monotonic()
+            # Its stderr to a file, not a pipe: nobody reads it after the start, and a
+            # write to a closed pipe would end the master.
+            with tempfile.TemporaryFile() as err:
+                proc = subprocess.Popen(
+                    [
+                        *self.options(), "-M", "-N", "-o", "ControlPersist=no",
+                        "-o", f"ControlPath={self.control}", *self.host.destination(),
+                    ],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    start_new_session=True,
+                )  # fmt: skip
+                deadline = time.monotonic() + CONNECT_TIMEOUT + 5
+                while not self.control.exists():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        _stop(proc)
+                        err.seek(0)
+                        message = last_line(err.read().decode(errors="replace"))
+                        raise PoolError(f"cannot reach host {self.host.text}: {message}")
+                    time.sleep(0.02)
+            self._master = proc
+
+    def revive_master(self, every: float = 10.0) -> None:
+        """Open the master again if it died (a dropped link), at most once per ``every`` s;
+        meanwhile commands go over connections of their own."""
+        if self._master is not None and self._master.poll() is None:
+            return
+        if time.monotonic() - self._tried < every:
+            return
+        with contextlib.suppress(PoolError):
+            self.ensure_master()
+
+    def run(
+        self, script: str, stdin: bytes | None = None, timeout: float = 60, what: str = "command"
+    ) -> str:
+        """Run ``script`` on the host and return its stdout; PoolError (one line, naming the
+        host) when ssh or the script fails or time runs out."""
+        try:
+            done = subprocess.run(
+                self._command(script),
+                input=stdin if stdin is not None else b"",
+                capture_output=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise PoolError(
+                f"host {self.host.text}: {what} did not finish within {timeout:.0f}s"
+            ) from None
+        if done.returncode != 0:
+            message = last_line(done.stderr.decode(errors="replace"))
+            if done.returncode == 255:
+                raise PoolError(f"cannot reach host {self.host.text}: {message}")
+            raise PoolError(f"host {self.host.text}: {what} failed: {message}")
+        return done.stdout.decode(errors="replace")
+
+    def popen(self, script: str) -> subprocess.Popen[bytes]:
+        """``script`` on the host with a pipe to its stdin (a tar stream, say)."""
+        return subprocess.Popen(
+            self._command(script),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._master is not None:
+                _stop(self._master)
+                self._master = None
+            with contextlib.suppress(FileNotFoundError):
+                self.control.unlink()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [self._master.pid] if self._master and self._master.poll() is None else []
+
+
+class Tunnel:
+    """``ssh -N -R <remote port>:127.0.0.1:<server port>`` to one host, kept open by a
+    thread: a dropped one is opened again, with a bounded backoff, until ``close``."""
+
+    def __init__(
+        self, conn: Connection, remote_port: int, server_port: int, on_pid: Callable[[], None]
+    ) -> None:
+        self.conn = conn
+        self.remote_port = remote_port
+        self.server_port = server_port
+        self._on_pid = on_pid  # the provider records the pids it may leave behind
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = threading.Event()
+        self._up = threading.Event()
+        self.error = ""
+        self._thread = threading.Thread(
+            target=self._keep, name=f"ssh-tunnel-{conn.host.text}", daemon=True
+        )
+        self._thread.start()
+
+    def _open(self) -> subprocess.Popen[bytes]:
+        # -v: ssh says "remote forward success" once the port listens on the host; with
+        # ExitOnForwardFailure it exits instead when the port is taken.
+        return subprocess.Popen(
+            [
+                *self.conn.options(), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                "-o", "ControlMaster=no", "-o", "ControlPath=none",
+                "-R", f"127.0.0.1:{self.remote_port}:127.0.0.1:{self.server_port}",
+                *self.conn.host.destination(),
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def _keep(self) -> None:
+        delay = _BACKOFF[0]
+        while not self._closed.is_set():
+            proc = self._open()
+            self._proc = proc
+            try:
+                self._on_pid()
+            except Exception:  # recording pids is a courtesy: never the keeper's end
+                log.exception("recording the tunnel's pid failed")
+            assert proc.stderr is not None
+            tail: deque[str] = deque(maxlen=20)
+            for raw in proc.stderr:  # ends when ssh exits
+                line = raw.decode(errors="replace").rstrip()
+                tail.append(line)
+                if "remote forward success" in line:
+                    self.error = ""
+                    self._up.set()
+                    delay = _BACKOFF[0]
+            proc.stderr.close()
+            proc.wait()
+            self._up.clear()
+            self.error = last_line("\n".join(tail))
+            if self._closed.wait(delay):
+                return
+            delay = min(delay * 2, _BACKOFF[1])
+
+    def wait_up(self, timeout: float) -> bool:
+        return self._up.wait(timeout)
+
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def close(self) -> None:
+        self._closed.set()
+        proc = self._proc
+        if proc is not None:
+            _stop(proc)
+        self._thread.join(timeout=10)
+
+
+def kill_left_over(pid: int, start: float) -> None:
+    """An ssh a previous server left running (it crashed), by pid and start time."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - start) <= 1 and os.path.basename(proc.cmdline()[0]) == "ssh":
+            proc.kill()

@@ -1,0 +1,349 @@
+"""The Ray provider on a real two-node Ray cluster that the tests start and stop.
+
+The head offers 2 CPUs; the second node 1 CPU, 1 GPU and ``accelerator_type:L4`` (Ray
+takes declared resources at their word, so no GPU is needed). Both run on this machine:
+the server stays on 127.0.0.1 and the agents reach it there. (Ray turns
+``--node-ip-address 127.0.0.1`` into this machine's address; its ports are this
+machine's alone for the tests' life.) Every process of the cluster is stopped by its
+process group, never by ``ray stop`` (which kills by name), and checked gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+import skybatch
+from tests.helpers import Deployment, read_jsonl, wait_for, write_jsonl
+
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable))
+
+
+@dataclass
+class RayCluster:
+    address: str
+    temp: Path  # Ray's session files (its logs)
+    nodes_tmp: Path  # TMPDIR of the nodes: the agents' homes lie under it
+    starts: list[subprocess.Popen[bytes]]
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of the cluster: the `ray start` processes' descendants,
+        and the agents, which lead sessions of their own (found by their TMPDIR)."""
+        found: dict[int, psutil.Process] = {}
+        for start in self.starts:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(start.pid)
+                for p in [root, *root.children(recursive=True)]:
+                    found[p.pid] = p
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get("TMPDIR") == str(self.nodes_tmp):
+                    found[p.pid] = p
+        live = []
+        for p in found.values():
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    live.append(p)
+        return live
+
+    def actors(self) -> list[psutil.Process]:
+        return [p for p in self.processes() if _cmdline(p).startswith("ray::WorkerActor")]
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    assert RAY, "the ray command is missing: pip install 'skybatch[ray]'"
+    # Ray's socket paths must stay under 108 bytes: a short directory, not pytest's.
+    root = Path(tempfile.mkdtemp(prefix="sbray-", dir="/tmp"))
+    temp = root / "ray"
+    nodes_tmp = root / "nodes"
+    nodes_tmp.mkdir()
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(nodes_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    common += ["--object-store-memory", str(80 * 10**6)]
+    starts: list[subprocess.Popen[bytes]] = []
+    cluster = RayCluster(f"127.0.0.1:{port}", temp, nodes_tmp, starts)
+    try:
+        for name, extra in (
+            (
+                "head",
+                [
+                    *("--head", "--port", str(port), "--num-cpus", "2"),
+                    *("--temp-dir", str(temp), "--include-dashboard", "false"),
+                ],
+            ),
+            (
+                "gpu",
+                [
+                    *("--address", cluster.address, "--num-cpus", "1", "--num-gpus", "1"),
+                    *("--resources", json.dumps({"accelerator_type:L4": 1})),
+                ],
+            ),
+        ):
+            log = root / f"{name}.log"
+            with open(log, "wb") as out:
+                starts.append(
+                    subprocess.Popen(
+                        [RAY, "start", *extra, *common, "--node-name", name],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
+
+            def started(log: Path = log, proc: subprocess.Popen[bytes] = starts[-1]) -> bool:
+                assert proc.poll() is None, f"ray start exited: {log.read_text()[-2000:]}"
+                return "Ray runtime started" in log.read_text()
+
+            wait_for(started, timeout=90, message=f"the Ray node {name}")
+        yield cluster
+    finally:
+        leftover = cluster.processes()
+        _stop(starts)
+        for p in leftover:  # anything that left the groups, by pid
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        remaining = wait_for(
+            lambda: not cluster.processes() or None, timeout=30, message="no Ray process left"
+        )
+        assert remaining
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ray_pool_yaml(
+    tmp: Path, cluster: RayCluster, workers: int, resources: str = "  cpus: 1\n"
+) -> Path:
+    path = tmp / "ray-pool.yaml"
+    path.write_text(
+        f"pool:\n  workers: {workers}\nresources:\n{resources}"
+        f"provider:\n  type: ray\n  address: {cluster.address}\n"
+    )
+    return path
+
+
+@skybatch.remote_function
+def shout():
+    import os
+    import time
+
+    for batch in skybatch.load():
+        time.sleep(float(os.environ.get("SLOW", "0")))
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+        skybatch.save_results([{"text": item["text"].upper(), "gpus": gpus} for item in batch])
+
+
+def _rows(n: int) -> list[dict[str, str]]:
+    return [{"text": f"row {i}"} for i in range(n)]
+
+
+def test_job_end_to_end_on_a_ray_pool(
+    ray_cluster: RayCluster, deployment: Deployment, tmp_path: Path
+) -> None:
+    applied_at = time.monotonic()
+    view = skybatch.pool_apply(str(ray_pool_yaml(tmp_path, ray_cluster, 2)), "rp")
+    assert (view.status, view.ready) == ("READY", 2)
+    print(f"\nRay pool apply to 2 ready workers: {time.monotonic() - applied_at:.2f}s")
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(20))
+    out = tmp_path / "out.jsonl"
+    skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        shout, pool_name="rp", batch_size=3, output=skybatch.JsonWriter(str(out))
+    )
+    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": "-"} for i in range(20)]
+
+    status = deployment.cli("pool", "status", "rp").stdout.splitlines()
+    workers = [line.split() for line in status[status.index("") + 2 :] if line.strip()]
+    assert [(w[0], w[1], w[3], w[5]) for w in workers] == [
+        ("0", "READY", "ray", "-"),
+        ("1", "READY", "ray", "-"),
+    ]
+    assert {w[4] for w in workers} <= {"head", "gpu"}
+
+    # The token crossed to the agents as an actor call's argument and their stdin only.
+    token = deployment.home.token_file.read_text().strip()
+    for path in ray_cluster.temp.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"the token is in {path}"
+    for p in ray_cluster.processes():
+        assert token not in _cmdline(p), f"the token is on the command line of {p.pid}"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert token not in ps.stdout
+
+
+def test_killed_actor_is_replaced_and_its_batches_rerun(
+    ray_cluster: RayCluster, deployment: Deployment, tmp_path: Path
+) -> None:
+    yaml_path = ray_pool_yaml(tmp_path, ray_cluster, 2)
+    yaml_path.write_text(yaml_path.read_text() + "envs:\n  SLOW: '0.2'\n")
+    skybatch.pool_apply(str(yaml_path), "rp")
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(60))
+    out = tmp_path / "out.jsonl"
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        shout, pool_name="rp", batch_size=2, output=skybatch.JsonWriter(str(out)), stream=False
+    )
+    wait_for(lambda: job.info().committed_batches >= 3, message="batches committing")
+    before = {w.index: w.pid for w in skybatch.pool_status("rp")[0].worker_list}
+    agent = psutil.Process(before[0])
+    actor = agent.parent()
+    assert actor is not None and _cmdline(actor).startswith("ray::WorkerActor")
+    killed_at = time.monotonic()
+    actor.kill()  # SIGKILL: Ray's own restarts are off, so skybatch replaces it
+
+    # The agent dies with its actor, at once.
+    wait_for(lambda: not _running(agent.pid), timeout=10, message="the agent gone")
+    seen_gone = time.monotonic() - killed_at
+    # Its leased batches go back at once, not when their leases expire.
+    wait_for(lambda: job.info().lost >= 1, timeout=10, message="its batches re-leased")
+    released = time.monotonic() - killed_at
+
+    def replaced() -> bool:
+        view = skybatch.pool_status("rp")[0]
+        pids = {w.index: w.pid for w in view.worker_list}
+        return view.ready == 2 and pids.get(0) not in (None, before[0])
+
+    wait_for(replaced, timeout=60, message="worker 0 replaced")
+    back_to_size = time.monotonic() - killed_at
+    job.wait()
+    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": "-"} for i in range(60)]
+    print(
+        f"\nRay actor failover: agent gone {seen_gone:.2f}s after the SIGKILL, its batches "
+        f"re-leased after {released:.2f}s, pool back to 2 ready workers after {back_to_size:.2f}s"
+    )
+
+
+def test_accelerator_pool_lands_only_on_the_node_that_has_it(
+    ray_cluster: RayCluster, deployment: Deployment, tmp_path: Path
+) -> None:
+    resources = "  cpus: 1\n  accelerators: L4:1\n"
+    view = skybatch.pool_apply(str(ray_pool_yaml(tmp_path, ray_cluster, 1, resources)), "gp")
+    assert view.ready == 1
+    status = deployment.cli("pool", "status", "gp").stdout.splitlines()
+    worker = status[status.index("") + 2].split()
+    assert (worker[0], worker[1], worker[4], worker[5]) == ("0", "READY", "gpu", "0")
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(4))
+    out = tmp_path / "out.jsonl"
+    skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        shout, pool_name="gp", batch_size=2, output=skybatch.JsonWriter(str(out))
+    )
+    # Ray gave the actor GPU 0, and the mapper sees exactly that one.
+    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": "0"} for i in range(4)]
+
+    for ask, line in (
+        (
+            "A100:1",
+            "resources.accelerators: no node of the Ray cluster at {a} has "
+            "accelerator_type:A100 for one worker (its nodes offer: gpu: 1 CPU, 1 GPU; "
+            "head: 2 CPU); ask for less or add such a node",
+        ),
+        (
+            "L4:2",
+            "resources.accelerators: no node of the Ray cluster at {a} has 2 GPU for one "
+            "worker (its nodes offer: gpu: 1 CPU, 1 GPU, accelerator_type:L4; head: 2 CPU); "
+            "ask for less or add such a node",
+        ),
+    ):
+        resources = f"  cpus: 1\n  accelerators: {ask}\n"
+        path = ray_pool_yaml(tmp_path, ray_cluster, 1, resources)
+        result = deployment.cli("pool", "apply", str(path), "--pool", "big", "-y", check=False)
+        assert result.returncode == 1
+        assert result.stderr.strip() == "Error: " + line.format(a=ray_cluster.address)
+
+
+def test_pool_yaml_errors_name_the_field(
+    ray_cluster: RayCluster, deployment: Deployment, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.yaml"
+    port = _free_port()  # nothing listens there
+    cases = [
+        (
+            "provider:\n  type: ray\n  adress: auto\n",
+            f"Error: {path} line 7: unknown field 'provider.adress'; allowed here: type, address",
+        ),
+        (
+            f"provider:\n  type: ray\n  address: 127.0.0.1:{port}\n",
+            f"Error: provider.address: cannot reach the Ray cluster at 127.0.0.1:{port} "
+            "(Connection refused); start it (`ray start --head`) or fix the address",
+        ),
+    ]
+    for provider, line in cases:
+        path.write_text(f"pool:\n  workers: 1\nresources:\n  cpus: 1\n{provider}")
+        result = deployment.cli("pool", "apply", str(path), "--pool", "bad", "-y", check=False)
+        assert (result.returncode, result.stderr.strip()) == (1, line)
+
+
+def test_restarted_server_finds_its_actors_and_pool_down_removes_them(
+    ray_cluster: RayCluster, deployment: Deployment, tmp_path: Path
+) -> None:
+    skybatch.pool_apply(str(ray_pool_yaml(tmp_path, ray_cluster, 2)), "rp")
+    before = {w.index: w.pid for w in skybatch.pool_status("rp")[0].worker_list}
+    assert len(ray_cluster.actors()) == 2
+    # A crashed server leaves its detached actors running; the next one finds them by name.
+    pid = deployment.server_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not _running(pid), message="the server gone")
+    deployment.cli("server", "start")
+    view = wait_for(
+        lambda: (v := skybatch.pool_status("rp")[0]).ready == 2 and v, message="pool back"
+    )
+    assert {w.index: w.pid for w in view.worker_list} == before
+
+    node_home = f"skybatch-ray-{os.getuid()}-{deployment.home.deployment_id()}"
+    worker_dirs = list(ray_cluster.nodes_tmp.glob(f"{node_home}/pools/rp/worker-*"))
+    assert len(worker_dirs) == 2
+    deployment.cli("pool", "down", "rp", "-y")
+    assert ray_cluster.actors() == []
+    assert not any(_running(p) for p in before.values() if p)
+    assert not (ray_cluster.nodes_tmp / node_home / "pools" / "rp").exists()

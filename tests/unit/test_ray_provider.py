@@ -1,0 +1,167 @@
+"""The Ray provider's pure parts: its YAML section, what a worker asks of a node, and why
+a cluster cannot hold one; the Guard's names for a server on a non-loopback address."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from skybatch.config import Home
+from skybatch.errors import PoolSpecError
+from skybatch.pools.providers.base import ServerAccess
+from skybatch.pools.providers.ray import RayConfig, RayProvider, _demand, _fit_error, _pack
+from skybatch.pools.spec import parse_pool_spec
+from skybatch.server.guard import Guard
+from skybatch.server.tls import is_loopback
+
+
+def _spec(resources: str, provider: str = "{type: ray}") -> Any:
+    return parse_pool_spec(f"pool: {{workers: 1}}\nresources: {resources}\nprovider: {provider}\n")
+
+
+@pytest.mark.parametrize(
+    "address", ["auto", "10.0.0.5:6379", "head.example:6379", "ray://head:10001"]
+)
+def test_addresses_accepted(address: str) -> None:
+    spec = _spec("{cpus: 1}", f"{{type: ray, address: '{address}'}}")
+    assert spec.provider_config.model_dump() == {"type": "ray", "address": address}
+
+
+@pytest.mark.parametrize("address", ["", "head", "http://head:8265", "ray://head", "a b:1"])
+def test_bad_address_names_the_field(address: str) -> None:
+    with pytest.raises(PoolSpecError) as e:
+        _spec("{cpus: 1}", f"{{type: ray, address: '{address}'}}")
+    assert str(e.value) == (
+        "pool YAML line 3: provider.address: expected auto, HOST:PORT (the head's GCS, port "
+        "6379 by default) or ray://HOST:PORT (Ray Client, port 10001), "
+        f"got {address!r}"
+    )
+
+
+def test_demand_maps_resources_to_ray() -> None:
+    assert _demand(_spec("{}")) == {"CPU": 1.0}
+    assert _demand(_spec("{cpus: 2+, memory: 16, accelerators: L4:2}")) == {
+        "CPU": 2.0,
+        "memory": 16e9,
+        "GPU": 2.0,
+        "accelerator_type:L4": 0.001,
+    }
+
+
+_NODES = [
+    {"Alive": True, "NodeName": "head", "Resources": {"CPU": 8.0, "memory": 32e9}},
+    {
+        "Alive": True,
+        "NodeName": "gpu-1",
+        "Resources": {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L4": 1.0, "memory": 16e9},
+    },
+    {"Alive": False, "NodeName": "gone", "Resources": {"CPU": 64.0, "GPU": 8.0}},
+]
+
+
+@pytest.mark.parametrize(
+    ("resources", "error"),
+    [
+        ("{cpus: 8}", None),
+        ("{cpus: 4, accelerators: L4:1}", None),
+        (
+            "{cpus: 16}",
+            "resources.cpus: no node of the Ray cluster at A has 16 CPU for one worker (its "
+            "nodes offer: gpu-1: 4 CPU; head: 8 CPU); ask for less or add such a node",
+        ),
+        (
+            "{cpus: 1, accelerators: A100:1}",
+            "resources.accelerators: no node of the Ray cluster at A has "
+            "accelerator_type:A100 for one worker (its nodes offer: gpu-1: 4 CPU, 1 GPU; "
+            "head: 8 CPU); ask for less or add such a node",
+        ),
+        (
+            "{cpus: 8, accelerators: L4:1}",
+            "resources: no node of the Ray cluster at A has 8 CPU, 1 GPU, accelerator_type:L4 "
+            "together for one worker (its nodes offer: gpu-1: 4 CPU, 1 GPU, "
+            "accelerator_type:L4; head: 8 CPU); ask for less or add such a node",
+        ),
+        (
+            "{cpus: 1, memory: 64}",
+            "resources.memory: no node of the Ray cluster at A has 64 GB memory for one worker "
+            "(its nodes offer: gpu-1: 4 CPU, 16 GB memory; head: 8 CPU, 32 GB memory); ask "
+            "for less or add such a node",
+        ),
+    ],
+)
+def test_fit_error_says_which_resource(resources: str, error: str | None) -> None:
+    assert _fit_error("A", _demand(_spec(resources)), _NODES) == error
+
+
+def test_no_live_node() -> None:
+    assert _fit_error("A", {"CPU": 1.0}, _NODES[2:]) == (
+        "provider.address: the Ray cluster at A has no live node"
+    )
+
+
+def test_workdir_travels_packed(tmp_path: Any) -> None:
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    data = _pack(str(tmp_path))
+    assert data is not None and data[:2] == b"\x1f\x8b"
+    assert _pack(None) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        *(("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True)),
+        *(("10.1.2.3", False), ("gpu-box", False), ("fd00::2", False)),
+    ],
+)
+def test_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def _status(guard: Guard, host: bytes) -> int:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/health",
+        "headers": [(b"host", host)],
+    }
+    asyncio.run(guard(scope, receive, send))
+    return int(sent[0]["status"])
+
+
+def test_guard_accepts_the_served_address() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = Guard(app, token="t", port=8443, host="10.1.2.3")
+    assert _status(guard, b"10.1.2.3:8443") == 200
+    assert _status(guard, b"127.0.0.1:8443") == 200
+    assert _status(guard, b"10.1.2.4:8443") == 421
+    assert _status(guard, b"10.1.2.3:8444") == 421
+    assert _status(Guard(app, token="t", port=8443, host="fd00::2"), b"[fd00::2]:8443") == 200
+
+
+def test_loopback_server_refuses_nodes_on_other_machines(tmp_path: Any) -> None:
+    provider = RayProvider(RayConfig(address="head:6379"))
+    provider.attach(ServerAccess("http://127.0.0.1:8000", "t", Home(tmp_path)))
+    here = {"Alive": True, "NodeName": "head", "NodeManagerAddress": "127.0.0.1"}
+    away = {"Alive": True, "NodeName": "gpu-1", "NodeManagerAddress": "203.0.113.9"}
+    assert provider._unreachable([here]) is None
+    assert provider._unreachable([here, away]) == (
+        "provider: nodes of the Ray cluster at head:6379 run on other machines (gpu-1 "
+        "(203.0.113.9)), whose agents cannot reach this server at http://127.0.0.1:8000; "
+        "restart it on an address they reach: `skybatch server stop`, then `skybatch server "
+        "start --host ADDR` (served over HTTPS)"
+    )
+    provider.attach(ServerAccess("https://10.1.2.3:8000", "t", Home(tmp_path), cert="PEM"))
+    assert provider._unreachable([here, away]) is None
