@@ -1,74 +1,26 @@
-"""The Ray provider on a real two-node Ray cluster that the tests start and stop.
-
-The head offers 2 CPUs; the second node 1 CPU, 1 GPU and ``accelerator_type:L4`` (Ray
-takes declared resources at their word, so no GPU is needed). Both run on this machine:
-the server stays on 127.0.0.1 and the agents reach it there. (Ray turns
-``--node-ip-address 127.0.0.1`` into this machine's address; its ports are this
-machine's alone for the tests' life.) Every process of the cluster is stopped by its
-process group, never by ``ray stop`` (which kills by name), and checked gone.
-"""
+"""The Ray provider on a real two-node Ray cluster that the tests start and stop
+(tests/e2e/ray_cluster.py): a head with 2 CPUs, a second node with 1 CPU, 1 GPU and
+``accelerator_type:L4``, both on this machine, so the server stays on 127.0.0.1."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
 import skybatch
+from tests.e2e.ray_cluster import RayCluster
+from tests.e2e.ray_cluster import cmdline as _cmdline
+from tests.e2e.ray_cluster import free_port as _free_port
+from tests.e2e.ray_cluster import ray_cluster as start_ray_cluster
 from tests.helpers import Deployment, read_jsonl, wait_for, write_jsonl
-
-RAY = shutil.which("ray", path=os.path.dirname(sys.executable))
-
-
-@dataclass
-class RayCluster:
-    address: str
-    temp: Path  # Ray's session files (its logs)
-    nodes_tmp: Path  # TMPDIR of the nodes: the agents' homes lie under it
-    starts: list[subprocess.Popen[bytes]]
-
-    def processes(self) -> list[psutil.Process]:
-        """Every live process of the cluster: the `ray start` processes' descendants,
-        and the agents, which lead sessions of their own (found by their TMPDIR)."""
-        found: dict[int, psutil.Process] = {}
-        for start in self.starts:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(start.pid)
-                for p in [root, *root.children(recursive=True)]:
-                    found[p.pid] = p
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if p.environ().get("TMPDIR") == str(self.nodes_tmp):
-                    found[p.pid] = p
-        live = []
-        for p in found.values():
-            with contextlib.suppress(psutil.Error):
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    live.append(p)
-        return live
-
-    def actors(self) -> list[psutil.Process]:
-        return [p for p in self.processes() if _cmdline(p).startswith("ray::WorkerActor")]
-
-
-def _cmdline(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def _running(pid: int) -> bool:
@@ -78,89 +30,10 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
-    assert RAY, "the ray command is missing: pip install 'skybatch[ray]'"
-    # Ray's socket paths must stay under 108 bytes: a short directory, not pytest's.
-    root = Path(tempfile.mkdtemp(prefix="sbray-", dir="/tmp"))
-    temp = root / "ray"
-    nodes_tmp = root / "nodes"
-    nodes_tmp.mkdir()
-    port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(nodes_tmp)}
-    env.pop("RAY_ADDRESS", None)
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    common += ["--object-store-memory", str(80 * 10**6)]
-    starts: list[subprocess.Popen[bytes]] = []
-    cluster = RayCluster(f"127.0.0.1:{port}", temp, nodes_tmp, starts)
-    try:
-        for name, extra in (
-            (
-                "head",
-                [
-                    *("--head", "--port", str(port), "--num-cpus", "2"),
-                    *("--temp-dir", str(temp), "--include-dashboard", "false"),
-                ],
-            ),
-            (
-                "gpu",
-                [
-                    *("--address", cluster.address, "--num-cpus", "1", "--num-gpus", "1"),
-                    *("--resources", json.dumps({"accelerator_type:L4": 1})),
-                ],
-            ),
-        ):
-            log = root / f"{name}.log"
-            with open(log, "wb") as out:
-                starts.append(
-                    subprocess.Popen(
-                        [RAY, "start", *extra, *common, "--node-name", name],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                )
-
-            def started(log: Path = log, proc: subprocess.Popen[bytes] = starts[-1]) -> bool:
-                assert proc.poll() is None, f"ray start exited: {log.read_text()[-2000:]}"
-                return "Ray runtime started" in log.read_text()
-
-            wait_for(started, timeout=90, message=f"the Ray node {name}")
+    with start_ray_cluster() as cluster:
         yield cluster
-    finally:
-        leftover = cluster.processes()
-        _stop(starts)
-        for p in leftover:  # anything that left the groups, by pid
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        remaining = wait_for(
-            lambda: not cluster.processes() or None, timeout=30, message="no Ray process left"
-        )
-        assert remaining
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def ray_pool_yaml(
@@ -211,11 +84,15 @@ def test_job_end_to_end_on_a_ray_pool(
     ]
     assert {w[4] for w in workers} <= {"head", "gpu"}
 
-    # The token crossed to the agents as an actor call's argument and their stdin only.
+    # The token crossed to the agents as an actor call's argument and their stdin only:
+    # it is in no file of Ray's session (its logs, spilled objects) nor of the node homes.
     token = deployment.home.token_file.read_text().strip()
-    for path in ray_cluster.temp.rglob("*"):
-        if path.is_file():
-            assert token.encode() not in path.read_bytes(), f"the token is in {path}"
+    sessions = list(ray_cluster.temp.glob("session_*/logs"))
+    assert sessions and any(p.is_file() for p in sessions[0].iterdir())
+    for root in (ray_cluster.temp, ray_cluster.nodes_home):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), f"the token is in {path}"
     for p in ray_cluster.processes():
         assert token not in _cmdline(p), f"the token is on the command line of {p.pid}"
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
@@ -340,10 +217,33 @@ def test_restarted_server_finds_its_actors_and_pool_down_removes_them(
     )
     assert {w.index: w.pid for w in view.worker_list} == before
 
-    node_home = f"skybatch-ray-{os.getuid()}-{deployment.home.deployment_id()}"
-    worker_dirs = list(ray_cluster.nodes_tmp.glob(f"{node_home}/pools/rp/worker-*"))
+    node_home = ray_cluster.node_home(deployment.home.deployment_id())
+    worker_dirs = list(node_home.glob("pools/rp/worker-*"))
     assert len(worker_dirs) == 2
     deployment.cli("pool", "down", "rp", "-y")
     assert ray_cluster.actors() == []
     assert not any(_running(p) for p in before.values() if p)
-    assert not (ray_cluster.nodes_tmp / node_home / "pools" / "rp").exists()
+    assert not (node_home / "pools" / "rp").exists()
+
+
+def test_a_node_home_someone_else_owns_fails_the_pool_naming_it(
+    ray_cluster: RayCluster, deployment: Deployment, tmp_path: Path
+) -> None:
+    # Made before the pool by another user of the node (uid 65534): never used, and the
+    # error says where it is and what to do.
+    node_home = ray_cluster.node_home(deployment.home.deployment_id())
+    node_home.mkdir(parents=True, mode=0o700)
+    (node_home / "pools").mkdir(mode=0o777)
+    os.chown(node_home, 65534, 65534)
+    path = ray_pool_yaml(tmp_path, ray_cluster, 1)
+    result = deployment.cli("pool", "apply", str(path), "--pool", "rp", "-y", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"Error: pool 'rp': could not start worker 0: {node_home} on Ray node "
+        f"{socket.gethostname()} is owned by uid 65534, not the user Ray runs as (uid "
+        f"{os.getuid()}), so files in it may be someone else's; remove it (3 tries)"
+    )
+    wait_for(lambda: ray_cluster.actors() == [], timeout=30, message="no actor left")
+    assert [p.name for p in node_home.iterdir()] == ["pools"]
+    deployment.cli("pool", "down", "rp", "-y")
+    assert (node_home / "pools").is_dir()  # not ours to remove

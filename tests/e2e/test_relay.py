@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import signal
+import socket
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -317,6 +318,24 @@ def test_a_part_outside_the_attempts_own_is_refused(
                 params={"attempt": attempt + 1000},
             )
             assert r.status_code == 409
+            # An upload abandoned halfway leaves no half part and no traceback.
+            parsed = httpx.URL(url)
+            with socket.create_connection((parsed.host, parsed.port), timeout=10) as raw:
+                query = httpx.QueryParams({"job": job_id, "batch": batch, "path": str(own_part)})
+                raw.sendall(
+                    f"POST /v1/agent/attempts/{attempt}/part?{query} HTTP/1.1\r\n"
+                    f"Host: {parsed.host}:{parsed.port}\r\n"
+                    f"Authorization: {headers['Authorization']}\r\n"
+                    "Content-Length: 1000000\r\n\r\n".encode()
+                    + b'{"i": 1}\n' * 10
+                )
+            wait_for(
+                lambda: "part upload of job" in d.home.server_log.read_text(),
+                30,
+                "the abandoned upload logged",
+            )
+            assert "Traceback" not in d.home.server_log.read_text()
+            assert not own_part.exists()
             # The attempt's own input and part path are served and written.
             r = client.get(
                 f"/v1/agent/jobs/{job_id}/batches/{batch}/input", params={"attempt": attempt}

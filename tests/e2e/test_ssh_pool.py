@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -96,7 +98,12 @@ def _bucket(rows: list[str]) -> tuple[Any, str]:
 
 
 def _agents(lab: Lab, host: SshHost) -> list[int]:
-    return [p.pid for p in lab.hosts.processes(host) if "skybatch.agent" in " ".join(p.cmdline())]
+    pids = []
+    for proc in lab.hosts.processes(host):
+        with contextlib.suppress(psutil.Error):  # a session exiting meanwhile, a zombie
+            if "skybatch.agent" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+    return pids
 
 
 def _apply(d: Deployment, yaml: Path, name: str = "ssh") -> float:
@@ -417,6 +424,77 @@ def test_a_server_killed_mid_job_finds_its_agents_again(
     assert {h.alias: _agents(lab, h) for h in lab.hosts.hosts} == agents
     workers = [r for r in _worker_rows(deployment) if r[2] == "READY"]
     assert len(workers) == 2 and len(_worker_rows(deployment)) == 2
+    deployment.cli("pool", "down", "ssh", "-y")
+    _assert_nothing_left(lab)
+
+
+def _tunnel_ssh(socket: str) -> list[int]:
+    """The pids of the ssh clients (on the server's side) forwarding ``socket``."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "-R" in cmdline and any(a.startswith(f"{socket}:") for a in cmdline):
+            pids.append(proc.pid)
+    return pids
+
+
+def test_tunnels_end_in_private_sockets_and_come_back_when_dropped(
+    lab: Lab, deployment: Deployment, tmp_path: Path
+) -> None:
+    _apply(deployment, lab.pool_yaml(tmp_path))
+    handles = {h["host"]: h for h in (json.loads(r[3]) for r in _worker_rows(deployment))}
+    sockets = {}
+    for host in lab.hosts.hosts:
+        # No port a co-tenant could take over once a tunnel drops: the host listens on
+        # its sshd's port alone.
+        listening = subprocess.run(
+            ["ip", "netns", "exec", host.netns, "ss", "-Hltn"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert [line.split()[3] for line in listening.splitlines()] == [f"{host.address}:22"]
+        # The agents' end is a socket of the user's, in a directory only the user enters.
+        path = Path(handles[host.alias]["socket"])
+        sockets[host.alias] = path
+        found, folder = path.lstat(), path.parent.lstat()
+        assert stat.S_ISSOCK(found.st_mode) and stat.S_IMODE(found.st_mode) == 0o600
+        assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700
+        assert found.st_uid == folder.st_uid == os.getuid()  # the hosts' user: root
+        assert len(str(path)) < 104
+        for pid in _agents(lab, host):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"SKYBATCH_SERVER_SOCKET={path}".encode() in environ
+    rows = [f"t{i}" for i in range(30)]
+    job, out = _local_job(tmp_path, rows)
+    wait_for(lambda: job.info().committed_batches >= 4, 60, "batches committed")
+    agents = {h.alias: _agents(lab, h) for h in lab.hosts.hosts}
+    # A tunnel drops: its ssh killed by pid. It comes back on the same socket (the
+    # stale one removed first) and the same agents carry on through it.
+    victim = str(sockets["host-0"])
+    (dropped,) = _tunnel_ssh(victim)
+    os.kill(dropped, signal.SIGKILL)
+    wait_for(lambda: _tunnel_ssh(victim) not in ([], [dropped]), 30, "the tunnel opened again")
+    assert job.info().committed_batches < len(rows)
+    job.wait(timeout=180)
+    assert out.read_text() == _doubled(rows)
+    assert {h.alias: _agents(lab, h) for h in lab.hosts.hosts} == agents
+    deployment.cli("pool", "down", "ssh", "-y")
+    _assert_nothing_left(lab)
+    assert not any(p.parent.exists() for p in sockets.values())
+    # A directory at the socket's place that others may enter is refused, not used.
+    # (One worker, on host-0; the same provider section, so the same place.)
+    sockets["host-0"].parent.mkdir()
+    sockets["host-0"].parent.chmod(0o755)
+    try:
+        yaml = lab.pool_yaml(tmp_path, workers=1)
+        proc = deployment.cli("pool", "apply", str(yaml), "--pool", "ssh", "-y", check=False)
+    finally:
+        sockets["host-0"].parent.rmdir()
+    assert proc.returncode == 1
+    assert (
+        f"host host-0: the tunnel's socket directory {sockets['host-0'].parent} is not this "
+        f"user's alone (mode drwxr-xr-x, owner uid {os.getuid()}); remove it, or set TMPDIR "
+        "there to a directory of this user's"
+    ) in proc.stderr
     deployment.cli("pool", "down", "ssh", "-y")
     _assert_nothing_left(lab)
 

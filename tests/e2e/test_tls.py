@@ -100,6 +100,19 @@ def test_non_loopback_server_serves_https_only_and_a_job_runs(
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert token not in ps.stdout
 
+    # Public only while asked for: the next start without --host is back on loopback.
+    deployment.cli("server", "stop")
+    restarted = deployment.cli("server", "start").stdout
+    assert restarted.startswith("Server running at http://127.0.0.1:"), restarted
+    deployment.cli("server", "stop")
+    for wildcard in ("0", "::0", "0:0:0:0:0:0:0:0", "0.0.0.0"):
+        refused = deployment.cli("server", "start", "--host", wildcard, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            f"Error: --host {wildcard} names no one address agents could reach the server "
+            "by; give the address of this machine that the workers reach (`ip addr`)\n"
+        )
+
 
 class Impostor(threading.Thread):
     """A TLS server with a certificate of its own; records what clients send after the

@@ -1,17 +1,29 @@
 """The Ray provider's pure parts: its YAML section, what a worker asks of a node, and why
-a cluster cannot hold one; the Guard's names for a server on a non-loopback address."""
+a cluster cannot hold one; the node home it makes (in a temporary HOME); the Guard's names
+for a server on a non-loopback address."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from skybatch.config import Home
-from skybatch.errors import PoolSpecError
+from skybatch.errors import PoolError, PoolSpecError
 from skybatch.pools.providers.base import ServerAccess
-from skybatch.pools.providers.ray import RayConfig, RayProvider, _demand, _fit_error, _pack
+from skybatch.pools.providers.ray import (
+    RayConfig,
+    RayProvider,
+    _demand,
+    _fit_error,
+    _pack,
+    _prepare_node_home,
+)
 from skybatch.pools.spec import parse_pool_spec
 from skybatch.server.guard import Guard
 from skybatch.server.tls import is_loopback
@@ -106,6 +118,93 @@ def test_workdir_travels_packed(tmp_path: Any) -> None:
     data = _pack(str(tmp_path))
     assert data is not None and data[:2] == b"\x1f\x8b"
     assert _pack(None) is None
+
+
+#: Every directory the node home has once worker 0 of pool p started, below HOME.
+_LEVELS = [
+    ".skybatch-ray",
+    ".skybatch-ray/d",
+    ".skybatch-ray/d/pools",
+    ".skybatch-ray/d/pools/p",
+    ".skybatch-ray/d/pools/p/worker-0",
+    ".skybatch-ray/d/logs",
+    ".skybatch-ray/d/logs/pools",
+    ".skybatch-ray/d/logs/pools/p",
+]
+_NODE = f"on Ray node {socket.gethostname()}"
+
+
+@pytest.fixture
+def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_node_home_levels_are_made_ours_alone(user_home: Path) -> None:
+    old = os.umask(0)  # mkdir's mode, not the umask, must make them private
+    try:
+        assert _prepare_node_home("d", "p", 0).root == user_home / ".skybatch-ray" / "d"
+    finally:
+        os.umask(old)
+    for level in _LEVELS:
+        st = (user_home / level).stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.getuid(), 0o700), level
+    # Our own level left open to reading is tightened; a second start finds it all.
+    os.chmod(user_home / _LEVELS[4], 0o755)
+    _prepare_node_home("d", "p", 0)
+    assert stat.S_IMODE((user_home / _LEVELS[4]).stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("level", _LEVELS)
+@pytest.mark.parametrize("how", ["foreign", "group-writable", "world-writable", "symlink"])
+def test_a_level_someone_else_could_fill_is_refused(user_home: Path, level: str, how: str) -> None:
+    if how == "foreign" and os.getuid() != 0:
+        pytest.skip("giving a directory to another uid takes root")
+    path = user_home / level
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if how == "symlink":
+        (user_home / "elsewhere").mkdir(mode=0o700)
+        path.symlink_to(user_home / "elsewhere")
+    else:
+        path.mkdir(mode=0o700)
+    if how == "foreign":
+        os.chown(path, 65534, 65534)
+    elif how.endswith("writable"):
+        os.chmod(path, 0o770 if how.startswith("group") else 0o777)
+    with pytest.raises(PoolError) as e:
+        _prepare_node_home("d", "p", 0)
+    reason = {
+        "foreign": f"is owned by uid 65534, not the user Ray runs as (uid {os.getuid()}), so "
+        "files in it may be someone else's",
+        "group-writable": "is writable by others (mode 0770), so files in it may be someone else's",
+        "world-writable": "is writable by others (mode 0777), so files in it may be someone else's",
+        "symlink": "is not a directory (a symbolic link?)",
+    }[how]
+    assert str(e.value) == f"{path} {_NODE} {reason}; remove it"
+    assert list((user_home / "elsewhere" if how == "symlink" else path).iterdir()) == []
+
+
+def test_a_home_anyone_can_swap_is_refused(user_home: Path) -> None:
+    os.chmod(user_home, 0o777)
+    with pytest.raises(PoolError) as e:
+        _prepare_node_home("d", "p", 0)
+    assert str(e.value) == (
+        f"{user_home}/.skybatch-ray/d {_NODE} lies inside {user_home}, which anyone can write "
+        "(mode 0777, not sticky); give the user Ray runs as a home directory of its own"
+    )
+    assert not (user_home / ".skybatch-ray").exists()
+
+
+def test_a_relative_home_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "relative/home")
+    with pytest.raises(PoolError) as e:
+        _prepare_node_home("d", "p", 0)
+    assert str(e.value) == (
+        f"the user Ray runs as {_NODE} has no home directory (HOME='relative/home'); set "
+        "HOME for the Ray nodes"
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,8 @@ from skybatch.pools.spec import parse_pool_spec
 )
 def test_hosts_parse(text: str, host: Host) -> None:
     assert parse_host(text) == host
+    # Whatever the name, ssh reads it as the destination, never as an option.
+    assert host.destination()[-2:] == ["--", host.name]
 
 
 @pytest.mark.parametrize(
@@ -32,6 +34,11 @@ def test_hosts_parse(text: str, host: Host) -> None:
         ("{type: ssh, hosts: [a], port: 2}", "unknown field 'provider.port'"),
         ("{type: ssh, hosts: [a, a]}", "provider.hosts: 'a' is listed twice"),
         ("{type: ssh, hosts: ['-oProxyCommand=x']}", "'-oProxyCommand=x' is not a host"),
+        (
+            "{type: ssh, hosts: [a, 'x@-oProxyCommand=sh']}",
+            "provider.hosts: 'x@-oProxyCommand=sh' is not a host: a user or host name may not "
+            "start with '-'",
+        ),
         ("{type: ssh, hosts: [a], ssh_config: conf}", "provider.ssh_config: 'conf' is relative"),
         ("{type: ssh, hosts: [a], workers_per_host: 0}", "provider.workers_per_host"),
     ],

@@ -92,15 +92,23 @@ class ServerLink:
         if url.startswith("https://") and self._verify is True:
             raise AgentExit(f"the server at {url} serves HTTPS, but no certificate was given")
         headers = {"Authorization": f"Bearer {self.token}"}
-        # Through a tunnel (the SSH provider) the URL's port is the tunnel's: the server
-        # answers only the Host it serves on, which the provider passes on here.
-        if os.environ.get("SKYBATCH_SERVER_HOST"):
-            headers["Host"] = os.environ["SKYBATCH_SERVER_HOST"]
+        # The server answers only the Host it serves on; a provider whose URL names
+        # something else passes that Host on here. Not SKYBATCH_SERVER_HOST: that is the
+        # server's own bind address, which its local agents inherit.
+        if os.environ.get("SKYBATCH_AGENT_SERVER_HOST"):
+            headers["Host"] = os.environ["SKYBATCH_AGENT_SERVER_HOST"]
+        # Through the SSH provider's tunnel the server is a Unix socket on this host that
+        # only our user can reach; the URL still names the server, for its Host check.
+        socket_path = os.environ.get("SKYBATCH_SERVER_SOCKET")
+        transport = (
+            httpx.HTTPTransport(uds=socket_path, verify=self._verify) if socket_path else None
+        )
         return httpx.Client(
             base_url=url,
             headers=headers,
             timeout=httpx.Timeout(30.0, connect=5.0),
             verify=self._verify,
+            transport=transport,
         )
 
     def _rediscover(self) -> None:

@@ -80,9 +80,22 @@ def matches(name: str, wanted: str) -> bool:
     ``RTX4090`` is "NVIDIA GeForce RTX 4090".
     """
     words = _TOKEN.findall(name.lower())
-    runs = {"".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
     wanted_words = _TOKEN.findall(wanted.lower())
-    return bool(wanted_words) and all(w in runs for w in wanted_words)
+    return bool(wanted_words) and all(_is_run(words, w) for w in wanted_words)
+
+
+def _is_run(words: list[str], wanted: str) -> bool:
+    """Whether adjacent ``words`` make ``wanted``: a run stops growing as soon as it is no
+    prefix of it, so a long name (a host's nvidia-smi says what it likes) costs little."""
+    for i in range(len(words)):
+        run = ""
+        for word in words[i:]:
+            run += word
+            if run == wanted:
+                return True
+            if not wanted.startswith(run):
+                break
+    return False
 
 
 def _size(gpu: Gpu) -> str:

@@ -1,9 +1,9 @@
 """The server process.
 
 One server per ``SKYBATCH_HOME``: it holds ``server.lock`` for its whole life,
-binds 127.0.0.1 (or ``--host`` / ``SKYBATCH_SERVER_HOST``, else the address it had
-last time) on the configured port (``SKYBATCH_SERVER_PORT``), else the port it had
-last time, else any free one, and records pid and URL in ``server.json``. Any
+binds 127.0.0.1 (or ``--host`` / ``SKYBATCH_SERVER_HOST``, asked for at each start)
+on the configured port (``SKYBATCH_SERVER_PORT``), else the port it had last time,
+else any free one, and records pid and URL in ``server.json``. Any
 address but loopback is served over HTTPS only, with the home's self-signed
 certificate (``tls.py``). Clients find, start and stop it with ``client/launcher.py``.
 """
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from skybatch.config import Home, forbid_inspection, open_private, read_server_info
 from skybatch.config import home as current_home
@@ -34,20 +34,27 @@ HOST = "127.0.0.1"
 HOST_ENV = "SKYBATCH_SERVER_HOST"
 
 
-def _host(home: Home, given: str | None) -> str:
-    """The address to bind: given, configured, else where the last server was (agents that
-    outlived a crash look for it there), else loopback."""
-    host = given or os.environ.get(HOST_ENV)
-    if not host:
-        previous = read_server_info(home)
-        host = (urlsplit(previous.url).hostname if previous else None) or HOST
-    host = host.strip("[]")
-    if host in ("0.0.0.0", "::", "*"):
+def _host(given: str | None) -> str:
+    """The address to bind: given, else configured, else loopback. Never remembered from a
+    previous run: a server is public only while someone asks for it, each time."""
+    host = (given or os.environ.get(HOST_ENV) or HOST).strip("[]")
+    if _unspecified(host):
         raise ServerError(
             f"--host {host} names no one address agents could reach the server by; "
             "give the address of this machine that the workers reach (`ip addr`)"
         )
     return host
+
+
+def _unspecified(host: str) -> bool:
+    """Whether ``host`` means every interface (0.0.0.0, ::, 0, ::0 and other spellings)."""
+    if host == "*":
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return False  # a name: it resolves to an address of this machine, or _bind says so
+    return any(ipaddress.ip_address(info[4][0]).is_unspecified for info in infos)
 
 
 def _url(host: str, port: int, tls: bool) -> str:
@@ -112,7 +119,7 @@ def serve(home: Home, host: str | None = None) -> int:
         print(f"a skybatch server already runs for {home.root}", file=sys.stderr)
         return 0
     token = home.create_token()
-    host = _host(home, host)
+    host = _host(host)
     # Off this machine the token would cross the network in the clear: TLS or nothing.
     tls = not is_loopback(host)
     cert = ensure_certificate(home, host) if tls else None
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     home = Home(Path(args.home).resolve()) if args.home else current_home()
     try:
         # A wrong --host fails here, before the fork, where the starting client sees it.
-        _bind(home, _host(home, args.host)).close()
+        _bind(home, _host(args.host)).close()
         if args.detach:
             if os.fork() > 0:
                 os._exit(0)

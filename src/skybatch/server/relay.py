@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from skybatch.batches import BatchPlan
@@ -43,6 +44,8 @@ from skybatch.states import JobStatus
 from skybatch.wire import INT64_MAX
 
 __all__ = ["BLOCK", "Relay", "RelayRefused"]
+
+log = logging.getLogger("skybatch.server")
 
 #: Bytes read from an input, or gathered from an upload before a write, per step: the
 #: server's memory per relayed batch, whatever the batch's size.
@@ -184,9 +187,12 @@ class Relay:
                 if not block:
                     # The file shrank since it was checked: the answer ends short, which
                     # the agent's client sees (the length was declared) and asks again.
-                    raise InputError(f"{path} became shorter while it was read")
+                    log.warning("relay: %s became shorter while it was read", path)
+                    return
                 at += len(block)
                 yield block
+        except OSError as e:
+            log.warning("relay: reading %s failed: %s", path, e.strerror or e)
         finally:
             f.close()
 
@@ -209,6 +215,11 @@ class Relay:
                 received = len(data)
         except SkyBatchError as e:
             return _error(e)
+        except ClientDisconnect:
+            # The agent went away mid-upload (killed, cut off): its half part is gone, and
+            # the batch goes to another attempt. Nobody is left to answer.
+            log.info("relay: a part upload of job %s batch %s ended early", job_id, batch)
+            return Response(status_code=400)
         self.bytes_out += received
         return Response(b'{"ok":true}', media_type="application/json")
 

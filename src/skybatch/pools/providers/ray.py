@@ -22,7 +22,15 @@ server, which re-leases its batches at once and launches a replacement.
 
 Nodes do not share the server's files (``shares_files = False``): the agents run with
 ``SKYBATCH_RELAY=1``, ``workdir`` travels with the launch, and each node keeps its
-workers' directories under ``$TMPDIR/skybatch-ray-<uid>-<deployment>/``.
+workers' directories and agent logs under ``~/.skybatch-ray/<deployment>/``, in the home
+of the user Ray runs as. Not under ``/tmp``, where anyone can make that directory first,
+nor in Ray's session directory, which Ray makes writable by all (0777): every level is
+made 0700, and one that is someone else's or writable by others is refused.
+
+The actor marks itself not dumpable before the token reaches it (the mapper runs as the
+same user), and keeps it only until it is written to the agent's stdin. The agent is
+started without the worker's directory ahead of its own imports: a file there named
+like a module it uses is never run in place of it.
 """
 
 from __future__ import annotations
@@ -37,10 +45,10 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +57,7 @@ from urllib.parse import urlsplit
 
 from pydantic import field_validator
 
-from skybatch.config import Home
+from skybatch.config import Home, forbid_inspection, open_private
 from skybatch.errors import PoolError, PoolSpecError
 from skybatch.pools.providers.base import Provider, WorkerLaunch
 from skybatch.pools.registry import ProviderConfig
@@ -262,19 +270,124 @@ def _pack(workdir: str | None) -> bytes | None:
 # -- on the node ---------------------------------------------------------------------------
 
 
+#: Under the home directory of the user Ray runs as: see the module's docstring.
+NODE_HOMES = ".skybatch-ray"
+
+
 def _node_home(deployment: str) -> Home:
     """This node's home for a deployment's workers (their directories and agent logs)."""
-    return Home(Path(tempfile.gettempdir()) / f"skybatch-ray-{os.getuid()}-{deployment}")
+    return Home(Path.home() / NODE_HOMES / deployment)
 
 
-#: Run as ``python -c``: the agent gets SIGKILL when the thread that started it ends,
-#: which for a killed actor is at once (PR_SET_PDEATHSIG survives the exec).
+def _where() -> str:
+    return f"on Ray node {socket.gethostname()}"
+
+
+def _check_ancestor(path: Path, inside: Path) -> None:
+    """Refuse a directory above the node home that someone else could swap it out of."""
+    st = path.stat()
+    if st.st_uid not in (os.getuid(), 0):
+        raise PoolError(
+            f"{inside} {_where()} lies inside {path}, which uid {st.st_uid} owns, not the "
+            f"user Ray runs as (uid {os.getuid()}); give that user a home directory of its own"
+        )
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise PoolError(
+            f"{inside} {_where()} lies inside {path}, which anyone can write (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, not sticky); give the user Ray runs as a home "
+            "directory of its own"
+        )
+
+
+def _private_problem(path: Path) -> str | None:
+    """Why the existing ``path`` is not a directory of ours alone, or None."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return f"{path} {_where()} is not a directory (a symbolic link?); remove it"
+    if st.st_uid != os.getuid():
+        return (
+            f"{path} {_where()} is owned by uid {st.st_uid}, not the user Ray runs as "
+            f"(uid {os.getuid()}), so files in it may be someone else's; remove it"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path} {_where()} is writable by others (mode {mode:04o}), so files in it may "
+            "be someone else's; remove it"
+        )
+    return None
+
+
+def _private_dir(path: Path) -> None:
+    """Make ``path`` (0700) or accept it only if it is ours and no one else can write it:
+    ``mkdir``'s mode binds neither a directory that exists nor the parents it makes."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise PoolError(
+            f"cannot make {path} {_where()} ({e.strerror}); give the user Ray runs as a "
+            "home directory it can write"
+        ) from None
+    problem = _private_problem(path)
+    if problem:
+        raise PoolError(problem)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _prepare_node_home(deployment: str, pool: str, index: int) -> Home:
+    """The node home with the worker's directory and log directory, each level ours alone."""
+    try:
+        home = _node_home(deployment)
+    except RuntimeError:  # no HOME, and no passwd entry
+        home = Home(Path(NODE_HOMES))
+    if not home.root.is_absolute():
+        raise PoolError(
+            f"the user Ray runs as {_where()} has no home directory (HOME="
+            f"{os.environ.get('HOME', '')!r}); set HOME for the Ray nodes"
+        )
+    top = home.root.parent
+    for ancestor in reversed(top.parents):
+        if ancestor.exists():
+            _check_ancestor(ancestor, home.root)
+    if not top.parent.is_dir():
+        raise PoolError(
+            f"cannot make {home.root} {_where()}: {top.parent} does not exist; give the user "
+            "Ray runs as a home directory"
+        )
+    levels = [top, home.root]
+    for below in (home.worker_dir(pool, index), home.worker_log(pool, index).parent):
+        inside = below.relative_to(home.root)
+        levels += [home.root / p for p in reversed(inside.parents) if p != Path(".")]
+        levels.append(below)
+    for level in dict.fromkeys(levels):
+        _private_dir(level)
+    return home
+
+
+#: Run as ``python -I -c`` (isolated: the worker's directory, its cwd, is not on its
+#: path): the agent gets SIGKILL when the thread that started it ends, which for a
+#: killed actor is at once (PR_SET_PDEATHSIG survives the exec).
 _WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "parent = int(sys.argv[1])\n"
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
     "if os.getppid() != parent: os._exit(1)\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'skybatch.agent'])\n"
+    "os.execv(sys.executable, [sys.executable, '-c', sys.argv[2]])\n"
+)
+
+#: The agent, as ``python -m skybatch.agent`` but with its cwd (the worker's directory)
+#: last on its path, not first: nothing there shadows a module the agent imports, while a
+#: custom reader or writer class from a workdir module still imports by name, as on a
+#: local pool (io/custom.py). ``-P`` would drop it altogether, and Python 3.10 lacks it.
+_AGENT = (
+    "import sys\n"
+    "if sys.path[:1] == ['']: del sys.path[0]\n"
+    "import os, runpy\n"
+    "sys.path.append(os.getcwd())\n"
+    "runpy.run_module('skybatch.agent', run_name='__main__', alter_sys=True)\n"
 )
 
 
@@ -282,6 +395,9 @@ class WorkerActor:
     """The body of a worker's actor: starts its agent, says whether it runs, stops it."""
 
     def __init__(self) -> None:
+        # Before ``start`` brings the token: the mapper runs as this user, and could
+        # otherwise read it out of /proc/<actor>/mem as the agent's parent.
+        forbid_inspection()
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = threading.Event()
         self._failed: BaseException | None = None
@@ -298,32 +414,35 @@ class WorkerActor:
     ) -> dict[str, Any]:
         """Start the agent (once); where it runs. ``token`` goes to its stdin, nowhere else."""
         ray = _ray()
-        home = _node_home(deployment)
-        home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        home = _prepare_node_home(deployment, pool, index)
         worker_dir = home.worker_dir(pool, index)
-        worker_dir.mkdir(parents=True, exist_ok=True)
         if workdir:
             with tarfile.open(fileobj=io.BytesIO(workdir), mode="r:gz") as tar:
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(worker_dir, filter="data")
                 else:  # pragma: no cover - Pythons before the filters
                     tar.extractall(worker_dir)
+            os.chmod(worker_dir, 0o700)  # the archive's "." carries the workdir's mode
         log_path = home.worker_log(pool, index)
-        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         full_env = {k: v for k, v in os.environ.items() if k != "SKYBATCH_TOKEN"}
         full_env.update(env)
         full_env["SKYBATCH_HOME"] = str(home.root)
         if self._proc is None:
-            secret = token.encode() + b"\n" + (cert.encode() if cert else b"")
             # Started by a thread of its own that lives as long as the agent: the kernel
             # signals the agent when that thread ends, not when the actor's process does.
+            # The token stays out of that thread's arguments, which live as long.
             threading.Thread(
                 target=self._run,
-                args=(secret, full_env, worker_dir, log_path),
+                args=(full_env, worker_dir, log_path),
                 name="skybatch-agent",
                 daemon=True,
             ).start()
             self._started.wait(60)
+            if self._proc is not None and self._proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.write(token.encode() + b"\n")
+                    self._proc.stdin.write(cert.encode() if cert else b"")
+                    self._proc.stdin.close()
         if self._failed is not None:
             raise self._failed
         assert self._proc is not None
@@ -336,12 +455,11 @@ class WorkerActor:
             "version": __version__,
         }
 
-    def _run(self, secret: bytes, env: dict[str, str], cwd: Path, log_path: Path) -> None:
+    def _run(self, env: dict[str, str], cwd: Path, log_path: Path) -> None:
         try:
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "ab") as out:
+            with os.fdopen(open_private(log_path, os.O_APPEND), "ab") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", _WITH_PARENT, str(os.getpid())],
+                    [sys.executable, "-I", "-c", _WITH_PARENT, str(os.getpid()), _AGENT],
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.PIPE,
@@ -349,10 +467,6 @@ class WorkerActor:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # a stop reaches whatever the agent started
                 )
-            assert proc.stdin is not None
-            with contextlib.suppress(OSError):
-                proc.stdin.write(secret)
-                proc.stdin.close()
             self._proc = proc
         except BaseException as e:
             self._failed = e
@@ -380,7 +494,13 @@ class WorkerActor:
 
 
 def _remove_pool_dir(deployment: str, pool: str) -> None:
-    shutil.rmtree(_node_home(deployment).pool_dir(pool), ignore_errors=True)
+    home = _node_home(deployment)
+    try:
+        trusted = _private_problem(home.root) is None
+    except OSError:
+        return  # no home on this node: nothing to remove
+    if trusted:  # never into a home someone else could have filled
+        shutil.rmtree(home.pool_dir(pool), ignore_errors=True)
 
 
 # -- the provider --------------------------------------------------------------------------
@@ -466,6 +586,9 @@ class RayProvider(Provider):
         ray = self._ray()
         name = f"{self._prefix(worker.pool, worker.home)}{worker.worker_id}"
         demand = _demand(worker.spec)
+        # Packed before the actor exists: a workdir gone since `pool apply` must not
+        # leave a detached actor behind holding a node's resources.
+        workdir = _pack(worker.spec.workdir)
         actor = self._actor_class.options(
             name=name,
             namespace=NAMESPACE,
@@ -491,7 +614,7 @@ class RayProvider(Provider):
             worker.home.deployment_id(),
             worker.pool,
             worker.index,
-            _pack(worker.spec.workdir),
+            workdir,
         )
         try:
             info = ray.get(started, timeout=PLACE_TIMEOUT)
@@ -525,6 +648,9 @@ class RayProvider(Provider):
                 f"({wanted}) within {PLACE_TIMEOUT:.0f}s; free resources there or ask for "
                 "fewer workers"
             )
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, PoolError):  # raised by the actor: says what to do, in one line
+            return str(cause)
         text = str(error)
         if "No module named 'skybatch" in text:
             return (

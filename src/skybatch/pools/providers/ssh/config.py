@@ -31,21 +31,26 @@ class Host:
     port: int | None = None
 
     def destination(self) -> list[str]:
-        """ssh's arguments for this host: options first, the destination last."""
+        """ssh's arguments for this host: options first, then ``--`` (what follows is
+        never an option, whatever the name), the destination last."""
         args = []
         if self.port is not None:
             args += ["-p", str(self.port)]
         if self.user is not None:
             args += ["-l", self.user]
-        return [*args, self.name]
+        return [*args, "--", self.name]
 
 
 def parse_host(text: str) -> Host:
     m = _HOST.match(text)
-    if m is None or text.startswith("-"):
+    if m is None:
         raise ValueError(
             f"{text!r} is not a host: write an ssh config alias, host, user@host or user@host:port"
         )
+    # ssh would take such a name for an option (x@-oProxyCommand=...); the user comes
+    # first in the text, so its "-" is the text's.
+    if text.startswith("-") or m["name"].startswith("-"):
+        raise ValueError(f"{text!r} is not a host: a user or host name may not start with '-'")
     port = int(m["port"]) if m["port"] else None
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"{text!r}: port {port} is not between 1 and 65535")

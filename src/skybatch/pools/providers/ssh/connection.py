@@ -1,6 +1,14 @@
 """One host over the system's OpenSSH client: a master connection that every command
 shares (ControlMaster), commands with bounded time, and a reverse tunnel to the server
-that a thread keeps open."""
+that a thread keeps open.
+
+The tunnel ends in a Unix socket on the host (OpenSSH's streamlocal forwarding), not a
+port on its loopback: any user there can bind a loopback port that a dropped tunnel
+left free, and agents would send them the token. The socket lies in a directory of
+its own that only our user may enter: ``${TMPDIR:-/tmp}/skybatch-<uid>-<name>/s``
+(``/tmp`` when TMPDIR is long or holds characters an ``-R`` spec cannot), short enough
+for a socket's ~104-byte path whatever ``remote_dir`` is.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ import psutil
 from skybatch.errors import PoolError
 from skybatch.pools.providers.ssh.config import Host, SshConfig
 
-__all__ = ["CONNECT_TIMEOUT", "Connection", "Tunnel", "kill_left_over", "last_line"]
+__all__ = ["CONNECT_TIMEOUT", "SOCKET_NAME", "Connection", "Tunnel", "kill_left_over", "last_line"]
 
 log = logging.getLogger("skybatch.server")
 
@@ -33,6 +41,11 @@ CONNECT_TIMEOUT = 10
 _ALIVE = ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
 #: Backoff of a tunnel that cannot be opened, in seconds: doubling up to the last.
 _BACKOFF = (0.5, 10.0)
+
+#: The tunnel's socket, inside its private directory on the host.
+SOCKET_NAME = "s"
+#: The longest socket directory a host's TMPDIR may give: the path's limit less "/s".
+_SOCKET_DIR_ROOM = 96
 
 _NOISE = re.compile(r"^(debug\d:|Warning: Permanently added|Connection to .* closed)")
 
@@ -80,7 +93,7 @@ class Connection:
         return [
             *self.options(),
             "-o", "ControlMaster=no", "-o", f"ControlPath={self.control}",
-            *self.host.destination(), "--", "sh -c " + shlex.quote(script),
+            *self.host.destination(), "sh -c " + shlex.quote(script),
         ]  # fmt: skip
 
     def ensure_master(self) -> None:
@@ -167,34 +180,97 @@ class Connection:
             return [self._master.pid] if self._master and self._master.poll() is None else []
 
 
+def _socket_script(name: str, path: str | None) -> str:
+    """sh that makes the tunnel's socket directory (``umask 077; mkdir``) and removes a
+    socket a dropped tunnel left there (sshd does not replace one), then prints
+    ``ok <socket>``; or prints ``refused <directory> [<mode> <owner uid>]`` for one
+    that is not ours alone or cannot be made. ``path``: the socket agents already use,
+    else one is chosen."""
+    if path is not None:
+        choose = f"d={shlex.quote(os.path.dirname(path))}"
+    else:
+        fallback = f"/tmp/skybatch-$(id -u)-{name}"
+        choose = f"""d=${{TMPDIR:-/tmp}}; d=${{d%/}}/skybatch-$(id -u)-{name}
+case $d in /*) ;; *) d={fallback} ;; esac
+case $d in *[!A-Za-z0-9/._-]*) d={fallback} ;; esac
+[ ${{#d}} -le {_SOCKET_DIR_ROOM} ] || d={fallback}"""
+    # find -perm: owner rwx and no group or other bit (POSIX find has no "-perm /077");
+    # -type d without -L: a symlink there is refused, not followed.
+    private = " ".join(f"! -perm -{bit:03o}" for bit in (0o40, 0o20, 0o10, 0o4, 0o2, 0o1))
+    return f"""umask 077
+{choose}
+mkdir "$d" 2>/dev/null
+if [ -z "$(find "$d" -prune -type d -user "$(id -u)" -perm -700 {private} 2>/dev/null)" ]; then
+  echo "refused $d $(ls -ldn "$d" 2>/dev/null | awk '{{print $1, $3}}')"; exit 0
+fi
+rm -f "$d/{SOCKET_NAME}" && echo "ok $d/{SOCKET_NAME}"
+"""
+
+
 class Tunnel:
-    """``ssh -N -R <remote port>:127.0.0.1:<server port>`` to one host, kept open by a
-    thread: a dropped one is opened again, with a bounded backoff, until ``close``."""
+    """``ssh -N -R <socket>:127.0.0.1:<server port>`` to one host, kept open by a thread:
+    a dropped one is opened again, with a bounded backoff, until ``close``. Before each
+    opening the socket's directory is checked and a stale socket removed (see above).
+
+    ``name`` tells this tunnel's directory apart on the host; ``path`` is the socket
+    agents already use (after a server restart), else it is chosen at the first
+    opening. ``error`` is one line naming the host when the last opening failed."""
 
     def __init__(
-        self, conn: Connection, remote_port: int, server_port: int, on_pid: Callable[[], None]
+        self,
+        conn: Connection,
+        name: str,
+        server_port: int,
+        on_pid: Callable[[], None],
+        path: str | None = None,
     ) -> None:
         self.conn = conn
-        self.remote_port = remote_port
+        self.name = name
+        self.path = path
         self.server_port = server_port
         self._on_pid = on_pid  # the provider records the pids it may leave behind
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = threading.Event()
         self._up = threading.Event()
+        self._settled = threading.Event()  # up, or the first opening failed
+        self._prepared = False  # the directory was found ours: close may tidy it
         self.error = ""
         self._thread = threading.Thread(
             target=self._keep, name=f"ssh-tunnel-{conn.host.text}", daemon=True
         )
         self._thread.start()
 
-    def _open(self) -> subprocess.Popen[bytes]:
-        # -v: ssh says "remote forward success" once the port listens on the host; with
-        # ExitOnForwardFailure it exits instead when the port is taken.
+    def _prepare(self) -> str:
+        host = self.conn.host.text
+        out = self.conn.run(
+            _socket_script(self.name, self.path),
+            timeout=CONNECT_TIMEOUT + 10,
+            what="preparing the tunnel's socket",
+        ).strip()
+        word, _, rest = (out.splitlines() or [""])[-1].partition(" ")
+        if word == "ok" and rest.startswith("/"):
+            return rest
+        if word == "refused":
+            directory, *found = rest.split()
+            what = (
+                f"is not this user's alone (mode {found[0]}, owner uid {found[1]})"
+                if len(found) == 2
+                else "cannot be made"
+            )
+            raise PoolError(
+                f"host {host}: the tunnel's socket directory {directory} {what}; remove it, "
+                "or set TMPDIR there to a directory of this user's"
+            )
+        raise PoolError(f"host {host}: preparing the tunnel's socket answered {out[-200:]!r}")
+
+    def _open(self, path: str) -> subprocess.Popen[bytes]:
+        # -v: ssh says "remote forward success" once sshd listens on the socket; with
+        # ExitOnForwardFailure it exits instead when it cannot.
         return subprocess.Popen(
             [
                 *self.conn.options(), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
                 "-o", "ControlMaster=no", "-o", "ControlPath=none",
-                "-R", f"127.0.0.1:{self.remote_port}:127.0.0.1:{self.server_port}",
+                "-R", f"{path}:127.0.0.1:{self.server_port}",
                 *self.conn.host.destination(),
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -204,42 +280,72 @@ class Tunnel:
     def _keep(self) -> None:
         delay = _BACKOFF[0]
         while not self._closed.is_set():
-            proc = self._open()
-            self._proc = proc
             try:
-                self._on_pid()
-            except Exception:  # recording pids is a courtesy: never the keeper's end
-                log.exception("recording the tunnel's pid failed")
-            assert proc.stderr is not None
-            tail: deque[str] = deque(maxlen=20)
-            for raw in proc.stderr:  # ends when ssh exits
-                line = raw.decode(errors="replace").rstrip()
-                tail.append(line)
-                if "remote forward success" in line:
-                    self.error = ""
-                    self._up.set()
-                    delay = _BACKOFF[0]
-            proc.stderr.close()
-            proc.wait()
-            self._up.clear()
-            self.error = last_line("\n".join(tail))
+                self.path = self._prepare()
+                self._prepared = True
+            except PoolError as e:
+                self.error = str(e)
+            else:
+                if self._run(self.path):
+                    delay = _BACKOFF[0]  # it was up: a drop is retried at once
+            self._settled.set()
             if self._closed.wait(delay):
                 return
             delay = min(delay * 2, _BACKOFF[1])
 
+    def _run(self, path: str) -> bool:
+        """One ssh, until it exits: whether its forward was up."""
+        proc = self._open(path)
+        self._proc = proc
+        if self._closed.is_set():  # closed while the socket was prepared
+            _stop(proc)
+        try:
+            self._on_pid()
+        except Exception:  # recording pids is a courtesy: never the keeper's end
+            log.exception("recording the tunnel's pid failed")
+        assert proc.stderr is not None
+        tail: deque[str] = deque(maxlen=20)
+        was_up = False
+        for raw in proc.stderr:  # ends when ssh exits
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            if "remote forward success" in line:
+                was_up = True
+                self.error = ""
+                self._up.set()
+                self._settled.set()
+        proc.stderr.close()
+        proc.wait()
+        self._up.clear()
+        message = last_line("\n".join(tail))
+        self.error = f"cannot open a tunnel to host {self.conn.host.text}: {message}"
+        return was_up
+
     def wait_up(self, timeout: float) -> bool:
-        return self._up.wait(timeout)
+        """Whether the first opening succeeded (False as soon as it failed)."""
+        self._settled.wait(timeout)
+        return self._up.is_set()
 
     def pid(self) -> int | None:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def close(self) -> None:
+        """Stop the ssh; with the master still there, remove the socket and its directory
+        (nothing serves them now); an unreachable host keeps them for the next opening."""
         self._closed.set()
         proc = self._proc
         if proc is not None:
             _stop(proc)
         self._thread.join(timeout=10)
+        if self._prepared and self.path is not None and self.conn.pids():
+            directory = os.path.dirname(self.path)
+            with contextlib.suppress(PoolError):
+                self.conn.run(
+                    f"rm -f {shlex.quote(self.path)}; rmdir {shlex.quote(directory)}",
+                    timeout=CONNECT_TIMEOUT,
+                    what="removing the tunnel's socket",
+                )
 
 
 def kill_left_over(pid: int, start: float) -> None:

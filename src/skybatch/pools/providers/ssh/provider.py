@@ -3,10 +3,11 @@
 Worker ``i`` runs on ``hosts[i % len(hosts)]``, so a pool spreads over its hosts
 before it doubles up (``workers_per_host`` bounds how far). Per host the provider
 keeps one master connection that its commands share and one reverse tunnel that
-maps a port on the host's loopback to the server's, so the server stays on
-127.0.0.1. An agent's files live under ``<remote_dir>/<deployment id>/`` on its
-host, laid out like a SKYBATCH_HOME: ``pools/<pool>/worker-<n>/``, its log in that
-directory's ``.skybatch/agent.log``.
+maps a Unix socket on the host, which only our user there can reach, to the server's
+port, so the server stays on 127.0.0.1 (see ``connection.py``). An agent's files
+live under ``<remote_dir>/<deployment id>/`` on its host, laid out like a
+SKYBATCH_HOME: ``pools/<pool>/worker-<n>/``, its log in that directory's
+``.skybatch/agent.log``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,6 @@ UNREACHABLE_GRACE = 90.0
 _ALIVE_TTL = 0.4
 #: Unix socket paths hold about 100 bytes; a control socket needs its name too.
 _SOCKET_ROOM = 90
-#: Remote ports for tunnels are drawn (by a hash) from this range.
-_PORTS = (20000, 60000)
 
 
 class _Seen:
@@ -76,7 +75,8 @@ class _Seen:
 
 
 class SshProvider(Provider):
-    """One agent per worker on SSH hosts, reached through a reverse tunnel per host."""
+    """One agent per worker on SSH hosts, reaching the server through a reverse tunnel
+    per host."""
 
     config_model: ClassVar[type[ProviderConfig]] = SshConfig
     shares_files: ClassVar[bool] = False
@@ -126,16 +126,16 @@ class SshProvider(Provider):
         try:
             state = json.loads(self._state_file.read_text())
         except (OSError, ValueError):
-            return {"tunnels": {}, "pids": []}
-        return state if isinstance(state, dict) else {"tunnels": {}, "pids": []}
+            return {"sockets": {}, "pids": []}
+        return state if isinstance(state, dict) else {"sockets": {}, "pids": []}
 
     def _save_state(self) -> None:
-        """Tunnel ports (agents keep using theirs across server restarts) and the pids of
+        """Tunnel sockets (agents keep using theirs across server restarts) and the pids of
         the ssh processes running now (a crashed server's are killed by the next one)."""
         with self._lock:
             pids = [p for c in self._conns.values() for p in c.pids()]
             pids += [p for t in self._tunnels.values() if (p := t.pid()) is not None]
-            tunnels = {h: t.remote_port for h, t in self._tunnels.items()}
+            sockets = {h: t.path for h, t in self._tunnels.items() if t.path}
         procs = []
         for pid in pids:
             with contextlib.suppress(psutil.Error):
@@ -144,7 +144,7 @@ class SshProvider(Provider):
             return
         with self._state_lock:
             tmp = self._state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"tunnels": tunnels, "pids": procs}))
+            tmp.write_text(json.dumps({"sockets": sockets, "pids": procs}))
             tmp.replace(self._state_file)
 
     def _conn(self, host: Host) -> Connection:
@@ -190,45 +190,32 @@ class SshProvider(Provider):
         for pid, start in state.get("pids", []):
             kill_left_over(int(pid), float(start))  # what a crashed server left running
         # Agents of a previous server run may still be out there, talking to their
-        # tunnel's remote port: open the same ports again, to this server's port.
-        for text, port in state.get("tunnels", {}).items():
+        # tunnel's socket: open the same sockets again, to this server's port. (A
+        # "tunnels" entry, host → port, is an older server's: nothing serves it now.)
+        for text, path in state.get("sockets", {}).items():
             host = self._by_text.get(text)
-            if host is not None:
-                self._tunnel(host, int(port), wait=False)
+            if host is not None and isinstance(path, str):
+                self._tunnel(host, path, wait=False)
 
-    def _tunnel(self, host: Host, port: int | None = None, wait: bool = True) -> Tunnel:
-        """The host's tunnel, opened if needed: on ``port`` when agents already use it,
-        else on the first free port of this deployment's sequence for the host."""
-        assert self._server_port is not None
+    def _tunnel(self, host: Host, path: str | None = None, wait: bool = True) -> Tunnel:
+        """The host's tunnel, opened if needed: on ``path`` when agents already use that
+        socket, else on one chosen for this deployment, provider section and host."""
+        assert self._server_port is not None and self._home is not None
         with self._host_locks[host.text]:
             tunnel = self._tunnels.get(host.text)
             if tunnel is not None:
                 return tunnel
-            conn = self._conn(host)
-            if port is not None:
-                tunnel = Tunnel(conn, port, self._server_port, self._save_state)
-                with self._lock:
-                    self._tunnels[host.text] = tunnel
-                if wait and not tunnel.wait_up(CONNECT_TIMEOUT + 5):
-                    raise PoolError(f"cannot open a tunnel to host {host.text}: {tunnel.error}")
-                return tunnel
-            assert self._home is not None
             seed = f"{self._home.deployment_id()}\0{self.key}\0{host.text}"
-            error = ""
-            for attempt in range(8):
-                digest = hashlib.sha256(f"{seed}\0{attempt}".encode()).digest()
-                candidate = _PORTS[0] + int.from_bytes(digest[:4], "big") % (_PORTS[1] - _PORTS[0])
-                tunnel = Tunnel(conn, candidate, self._server_port, self._save_state)
-                if tunnel.wait_up(CONNECT_TIMEOUT + 5):
-                    with self._lock:
-                        self._tunnels[host.text] = tunnel
-                    self._save_state()
-                    return tunnel
-                error = tunnel.error
+            name = hashlib.sha256(seed.encode()).hexdigest()[:12]
+            tunnel = Tunnel(self._conn(host), name, self._server_port, self._save_state, path)
+            if wait and not tunnel.wait_up(2 * CONNECT_TIMEOUT + 10):
+                error = tunnel.error or f"cannot open a tunnel to host {host.text}: no answer"
                 tunnel.close()
-                if "forwarding failed" not in error:
-                    break  # not a taken port: the host itself is the trouble
-            raise PoolError(f"cannot open a tunnel to host {host.text}: {error}")
+                raise PoolError(error)
+            with self._lock:
+                self._tunnels[host.text] = tunnel
+            self._save_state()
+            return tunnel
 
     def close(self) -> None:
         with self._lock:
@@ -383,7 +370,8 @@ class SshProvider(Provider):
             raise PoolError(f"workdir {source} is not a directory any more; apply the pool again")
         host = self._host_of(worker.index)
         conn = self._connected(host)
-        tunnel = self._tunnel(host)
+        socket_path = self._tunnel(host).path
+        assert socket_path is not None  # set once it was up
         python = self._python(host, conn)
         home = self._remote_home(self.ssh.remote_dir, worker.home)
         rel = f"pools/{worker.pool}/worker-{worker.index}"
@@ -397,8 +385,10 @@ class SshProvider(Provider):
             **gpu.cuda_env(gpus),
             **worker.spec.envs,
             **(gpu.cuda_env(gpus) if gpus else {}),
-            "SKYBATCH_SERVER_URL": f"{scheme}://127.0.0.1:{tunnel.remote_port}",
-            "SKYBATCH_SERVER_HOST": f"127.0.0.1:{self._server_port}",
+            # The server's own URL, for the Host it checks; its bytes go through the socket.
+            "SKYBATCH_SERVER_URL": f"{scheme}://127.0.0.1:{self._server_port}",
+            "SKYBATCH_SERVER_SOCKET": socket_path,
+            "SKYBATCH_AGENT_SERVER_HOST": f"127.0.0.1:{self._server_port}",
             "SKYBATCH_WORKER_ID": str(worker.worker_id),
             "SKYBATCH_WORKER_INDEX": str(worker.index),
             "SKYBATCH_RELAY": "1",
@@ -432,7 +422,7 @@ class SshProvider(Provider):
             "start": started["start"],
             "dir": started["dir"],
             "home": started["home"],
-            "tunnel_port": tunnel.remote_port,
+            "socket": socket_path,
             "gpus": gpus,
             # Where its output goes, for the server's messages: it has no log of its own.
             "log": f"{started['dir']}/.skybatch/agent.log",
@@ -478,8 +468,8 @@ class SshProvider(Provider):
         pid = handle.get("pid")
         if host is None or not pid:
             return False
-        if handle.get("tunnel_port") and self._server_port is not None:
-            self._tunnel(host, int(handle["tunnel_port"]), wait=False)  # after a restart
+        if handle.get("socket") and self._server_port is not None:
+            self._tunnel(host, str(handle["socket"]), wait=False)  # after a restart
         self._conn(host).revive_master()
         with self._lock:
             self._pools.add(Path(handle.get("dir", "")).parent.name)
