@@ -67,6 +67,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
+def _stop_tunnel(proc: subprocess.Popen[bytes]) -> None:
+    """End the remote cat first, by closing its input: the session ends on the host
+    before ssh exits, so nothing of ours is left there. SIGTERM when the host does not
+    answer that within a second."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
+    _stop(proc)
+
+
 class Connection:
     """Commands on one host, sharing one master connection while it lives."""
 
@@ -208,7 +220,7 @@ rm -f "$d/{SOCKET_NAME}" && echo "ok $d/{SOCKET_NAME}"
 
 
 class Tunnel:
-    """``ssh -N -R <socket>:127.0.0.1:<server port>`` to one host, kept open by a thread:
+    """``ssh -R <socket>:127.0.0.1:<server port> <host> cat`` to one host, kept open by a thread:
     a dropped one is opened again, with a bounded backoff, until ``close``. Before each
     opening the socket's directory is checked and a stale socket removed (see above).
 
@@ -266,14 +278,19 @@ class Tunnel:
     def _open(self, path: str) -> subprocess.Popen[bytes]:
         # -v: ssh says "remote forward success" once sshd listens on the socket; with
         # ExitOnForwardFailure it exits instead when it cannot.
+        # A session (a remote cat), not -N: sshd sets TCP_NODELAY on a connection only
+        # when a session starts. Without it every request the agent writes in two
+        # pieces (headers, then body) waits out Nagle and the client's delayed ACK,
+        # ~40 ms. The cat reads our stdin, never written: it ends, and so the session
+        # and this ssh, when we close that pipe (see _stop_tunnel) or when we die.
         return subprocess.Popen(
             [
-                *self.conn.options(), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                *self.conn.options(), "-v", "-o", "ExitOnForwardFailure=yes",
                 "-o", "ControlMaster=no", "-o", "ControlPath=none",
                 "-R", f"{path}:127.0.0.1:{self.server_port}",
-                *self.conn.host.destination(),
+                *self.conn.host.destination(), "sh -c 'exec cat'",
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,
         )  # fmt: skip
 
@@ -298,7 +315,7 @@ class Tunnel:
         proc = self._open(path)
         self._proc = proc
         if self._closed.is_set():  # closed while the socket was prepared
-            _stop(proc)
+            _stop_tunnel(proc)
         try:
             self._on_pid()
         except Exception:  # recording pids is a courtesy: never the keeper's end
@@ -316,6 +333,9 @@ class Tunnel:
                 self._settled.set()
         proc.stderr.close()
         proc.wait()
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         self._up.clear()
         message = last_line("\n".join(tail))
         self.error = f"cannot open a tunnel to host {self.conn.host.text}: {message}"
@@ -336,7 +356,7 @@ class Tunnel:
         self._closed.set()
         proc = self._proc
         if proc is not None:
-            _stop(proc)
+            _stop_tunnel(proc)
         self._thread.join(timeout=10)
         if self._prepared and self.path is not None and self.conn.pids():
             directory = os.path.dirname(self.path)
