@@ -1,5 +1,6 @@
 """Autoscaling: a pool of 0..4 grows while a job waits and shrinks back after it, no
-batch lost or run twice; a scale-down never stops a worker that holds a lease."""
+batch lost or run twice; a scale-down never stops a worker that holds a lease; a launch
+that fails is shown and tried again with backoff."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 import skybatch
+from skybatch.pools.registry import TEST_PROVIDERS_ENV
 from skybatch.wire import PoolView
 from tests.helpers import Deployment, read_jsonl, wait_for, write_jsonl
 
@@ -181,3 +184,52 @@ def test_a_scale_down_never_stops_the_worker_holding_a_lease(
     assert [(b, s) for b, _, s in seen] == [(0, "COMMITTED"), (1, "COMMITTED"), (2, "COMMITTED")]
     assert seen[0][1] == kept
     wait_for(lambda: pool().worker_list == [], timeout=30, message="the pool to shrink to 0")
+
+
+def test_a_failing_launch_is_shown_and_tried_again_with_backoff(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TEST_PROVIDERS_ENV, "1")  # the client validates; the server inherits it
+    gate = tmp_path / "gate"
+    path = tmp_path / "pool.yaml"
+    # Worker 0 starts; worker 1, asked for by the queue, never does (a host out of GPUs).
+    path.write_text(
+        "pool: {min_workers: 1, max_workers: 2, idle_timeout: 30}\n"
+        f"envs: {{GATE: '{gate}'}}\n"
+        "provider: {type: test, fail_launch: 'no room for another worker', fail_from: 1}\n"
+    )
+    assert skybatch.pool_apply(str(path), "p").ready == 1
+    rows = [{"n": 0, "gated": True}, {"n": 1, "gated": True}, {"n": 2}]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        gated_double, pool_name="p", batch_size=1, output=skybatch.JsonWriter(str(tmp_path / "o")),
+        stream=False,
+    )  # fmt: skip
+
+    error = "could not start worker 1: no room for another worker; trying again in "
+    wait_for(lambda: (pool().error or "").startswith(error), timeout=30, message="the error")
+    assert any(line.startswith(f"Error: {error}") for line in status_lines(deployment))
+
+    def lost() -> int:
+        db = sqlite3.connect(f"file:{deployment.home.db}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT count(*) FROM workers WHERE status='LOST'").fetchone()[0]
+        finally:
+            db.close()
+
+    # Tried again after 1, 2, 4 s..., not on every tick (0.5 s): 12 tries in 6 s before.
+    first = lost()
+    watch_until = time.monotonic() + 6
+    while time.monotonic() < watch_until:
+        assert (pool().error or "").startswith(error), pool().error
+        time.sleep(0.2)
+    assert lost() - first <= 4, f"{lost() - first} launches failed in 6 s"
+    log = deployment.home.server_log.read_text()
+    assert "no room for another worker" in log and "Traceback" not in log
+
+    gate.touch()
+    job.wait(timeout=60)
+    assert job.status().value == "SUCCEEDED"
+    # Nothing waits: the next try finds nothing to launch, and the error goes.
+    wait_for(lambda: pool().error is None, timeout=40, message="the error to clear")
+    assert pool().status == "READY"

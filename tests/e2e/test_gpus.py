@@ -15,6 +15,7 @@ from skybatch.errors import PoolSpecError
 from tests.helpers import Deployment, read_jsonl, wait_for, write_jsonl
 
 _FAKE_NVIDIA_SMI = """#!{python}
+import os
 import sys
 
 # What nvidia-smi prints for --query-gpu=FIELDS --format=csv[,noheader][,nounits].
@@ -26,12 +27,15 @@ assert options[0] == "csv", options
 units = "nounits" not in options
 if "noheader" not in options:
     print(", ".join(f + (" [MiB]" if f == "memory.total" and units else "") for f in fields))
+# Each test host is a network namespace: its GPUs get UUIDs of their own, as real ones
+# do, and one host named two ways shows the same UUIDs.
+machine = int(os.readlink("/proc/self/ns/net").strip("net:[]"))
 for i, (name, mib) in enumerate(GPUS):
     values = {{
         "index": str(i),
         "name": name,
         "memory.total": f"{{mib}} MiB" if units else str(mib),
-        "uuid": f"GPU-{{i:08d}}-0000-0000-0000-000000000000",
+        "uuid": f"GPU-{{i:08d}}-0000-0000-0000-{{machine:012d}}",
     }}
     print(", ".join(values[f] for f in fields))
 """

@@ -74,7 +74,8 @@ def test_job_end_to_end_on_a_ray_pool(
     skybatch.Dataset(skybatch.JsonReader(str(data))).map(
         shout, pool_name="rp", batch_size=3, output=skybatch.JsonWriter(str(out))
     )
-    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": "-"} for i in range(20)]
+    # A pool without accelerators sees no GPU, even on the node that has one.
+    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": ""} for i in range(20)]
 
     status = deployment.cli("pool", "status", "rp").stdout.splitlines()
     workers = [line.split() for line in status[status.index("") + 2 :] if line.strip()]
@@ -133,7 +134,7 @@ def test_killed_actor_is_replaced_and_its_batches_rerun(
     wait_for(replaced, timeout=60, message="worker 0 replaced")
     back_to_size = time.monotonic() - killed_at
     job.wait()
-    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": "-"} for i in range(60)]
+    assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": ""} for i in range(60)]
     print(
         f"\nRay actor failover: agent gone {seen_gone:.2f}s after the SIGKILL, its batches "
         f"re-leased after {released:.2f}s, pool back to 2 ready workers after {back_to_size:.2f}s"
@@ -157,22 +158,34 @@ def test_accelerator_pool_lands_only_on_the_node_that_has_it(
     # Ray gave the actor GPU 0, and the mapper sees exactly that one.
     assert read_jsonl(out) == [{"text": f"ROW {i}", "gpus": "0"} for i in range(4)]
 
-    for ask, line in (
+    for ask, workers, line in (
         (
             "A100:1",
+            1,
             "resources.accelerators: no node of the Ray cluster at {a} has "
             "accelerator_type:A100 for one worker (its nodes offer: gpu: 1 CPU, 1 GPU; "
             "head: 2 CPU); ask for less or add such a node",
         ),
         (
             "L4:2",
+            1,
             "resources.accelerators: no node of the Ray cluster at {a} has 2 GPU for one "
             "worker (its nodes offer: gpu: 1 CPU, 1 GPU, accelerator_type:L4; head: 2 CPU); "
             "ask for less or add such a node",
         ),
+        (
+            # Each worker fits the GPU node, two never fit the cluster: refused at apply,
+            # not after launches that wait for a GPU that never comes free.
+            "L4:1",
+            2,
+            "resources.accelerators: the Ray cluster at {a} holds 1 worker of this size (1 "
+            "CPU, 1 GPU, accelerator_type:L4), not the pool's 2 (its nodes offer: gpu: 1 CPU, "
+            "1 GPU, accelerator_type:L4; head: 2 CPU); ask for fewer workers or less, or add "
+            "nodes",
+        ),
     ):
         resources = f"  cpus: 1\n  accelerators: {ask}\n"
-        path = ray_pool_yaml(tmp_path, ray_cluster, 1, resources)
+        path = ray_pool_yaml(tmp_path, ray_cluster, workers, resources)
         result = deployment.cli("pool", "apply", str(path), "--pool", "big", "-y", check=False)
         assert result.returncode == 1
         assert result.stderr.strip() == "Error: " + line.format(a=ray_cluster.address)
@@ -193,11 +206,31 @@ def test_pool_yaml_errors_name_the_field(
             f"Error: provider.address: cannot reach the Ray cluster at 127.0.0.1:{port} "
             "(Connection refused); start it (`ray start --head`) or fix the address",
         ),
+        (
+            "provider:\n  type: ray\n  address: 127.0.0.1:99999\n",
+            f"Error: {path} line 7: provider.address: port 99999 of '127.0.0.1:99999' is not "
+            "between 1 and 65535",
+        ),
     ]
     for provider, line in cases:
         path.write_text(f"pool:\n  workers: 1\nresources:\n  cpus: 1\n{provider}")
         result = deployment.cli("pool", "apply", str(path), "--pool", "bad", "-y", check=False)
         assert (result.returncode, result.stderr.strip()) == (1, line)
+
+    # 3 workers of 1 CPU fit (2 on the head, 1 on the GPU node), 4 never do: refused at
+    # once, naming the field, not after a launch that waits for room.
+    started = time.monotonic()
+    path = ray_pool_yaml(tmp_path, ray_cluster, 4)
+    result = deployment.cli("pool", "apply", str(path), "--pool", "big", "-y", check=False)
+    took = time.monotonic() - started
+    assert (result.returncode, result.stderr.strip()) == (
+        1,
+        f"Error: resources.cpus: the Ray cluster at {ray_cluster.address} holds 3 workers of "
+        "this size (1 CPU), not the pool's 4 (its nodes offer: gpu: 1 CPU; head: 2 CPU); ask "
+        "for fewer workers or less, or add nodes",
+    )
+    assert took < 30, f"refused after {took:.1f}s"
+    assert ray_cluster.actors() == []
 
 
 def test_restarted_server_finds_its_actors_and_pool_down_removes_them(

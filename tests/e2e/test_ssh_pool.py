@@ -244,6 +244,70 @@ def test_a_host_cut_off_longer_than_a_lease(
     _assert_nothing_left(lab)
 
 
+def test_two_names_of_one_host_are_refused_at_apply(
+    lab: Lab, deployment: Deployment, tmp_path: Path
+) -> None:
+    # The lab's ssh config logs in as root: host-1 and root@host-1 are one sshd.
+    yaml = lab.pool_yaml(tmp_path, hosts=["host-1", "root@host-1"])
+    proc = deployment.cli("pool", "apply", str(yaml), "--pool", "ssh", "-y", check=False)
+    address = lab.hosts.hosts[1].address
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (
+        1,
+        [
+            f"Error: provider.hosts: 'host-1' and 'root@host-1' are one host "
+            f"(root@{address}:22); list each host once and raise workers_per_host for more "
+            "workers on it"
+        ],
+    )
+    assert "ssh" not in deployment.cli("pool", "status").stdout.split()
+
+
+def _ready_pid(d: Deployment, pool: str) -> int | None:
+    db = sqlite3.connect(str(d.home.db))
+    try:
+        rows = db.execute(
+            "SELECT handle FROM workers WHERE pool=? AND status='READY'", (pool,)
+        ).fetchall()
+    finally:
+        db.close()
+    return json.loads(rows[0][0])["pid"] if rows else None
+
+
+def test_a_frozen_host_holds_up_no_other_worker(
+    lab: Lab, deployment: Deployment, tmp_path: Path
+) -> None:
+    _apply(deployment, lab.pool_yaml(tmp_path))
+    local = tmp_path / "local.yaml"
+    local.write_text("pool: {workers: 1}\n")
+    _apply(deployment, local, "loc")
+    frozen = lab.hosts.hosts[1]
+    # sshd accepts connections there but nothing answers: every ssh command hangs.
+    stopped = []
+    try:
+        for proc in lab.hosts.processes(frozen):
+            with contextlib.suppress(psutil.Error):
+                proc.suspend()
+                stopped.append(proc)
+        time.sleep(1)  # a liveness read of the frozen host is now in flight, hanging
+        start = time.monotonic()
+        deployment.cli("pool", "status")
+        assert time.monotonic() - start < 2
+        pid = _ready_pid(deployment, "loc")
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # Before: each monitor tick waited on the frozen host's `ps` (15 s timeout).
+        wait_for(lambda: _ready_pid(deployment, "loc") not in (pid, None), 8, "a replacement")
+        print(f"\nlocal agent replaced after {time.monotonic() - killed:.2f}s, host-1 frozen")
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
+    deployment.cli("pool", "down", "loc", "-y")
+    deployment.cli("pool", "down", "ssh", "-y")
+    _assert_nothing_left(lab)
+
+
 # -- GPUs placed per host ----------------------------------------------------------------
 
 
@@ -285,10 +349,17 @@ def where_and_gpus():
         )
 
 
-def _gpu_pool(hosts: Hosts, tmp: Path, workers: int, per_host: int, accelerators: str) -> Path:
+def _gpu_pool(
+    hosts: Hosts,
+    tmp: Path,
+    workers: int,
+    per_host: int,
+    accelerators: str,
+    names: list[str] | None = None,
+) -> Path:
     fields = {
         "type": "ssh",
-        "hosts": [h.alias for h in hosts.hosts],
+        "hosts": names or [h.alias for h in hosts.hosts],
         "ssh_config": str(hosts.ssh_config),
         "python": sys.executable,
         "remote_dir": str(hosts.root / "remote"),
@@ -347,6 +418,28 @@ def test_gpus_are_placed_per_host(gpu_hosts: Hosts, deployment: Deployment, tmp_
     addresses = [h.address for h in gpu_hosts.hosts]
     assert {(r["host"], r["gpus"]) for r in rows} == {(a, g) for a in addresses for g in "01"}
     deployment.cli("pool", "down", "g", "-y")
+
+
+def test_one_host_named_two_ways_never_shares_a_gpu(
+    gpu_hosts: Hosts, deployment: Deployment, tmp_path: Path
+) -> None:
+    _apply(deployment, _gpu_pool(gpu_hosts, tmp_path, 1, 1, "L4:1", ["host-0"]), "a")
+    # Before: claims were keyed by the host's name, so root@host-0 got GPU 0 again.
+    _apply(deployment, _gpu_pool(gpu_hosts, tmp_path, 1, 1, "L4:1", ["root@host-0"]), "b")
+    assert [w.gpus for w in skybatch.pool_status("a")[0].worker_list] == [[0]]
+    assert [w.gpus for w in skybatch.pool_status("b")[0].worker_list] == [[1]]
+    third = _gpu_pool(gpu_hosts, tmp_path, 1, 1, "L4:1", ["host-0:22"])
+    proc = deployment.cli("pool", "apply", str(third), "--pool", "c", "-y", check=False)
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (
+        1,
+        [
+            "Error: pool asks for 1 worker × L4:1 but host host-0:22 has 0 L4 GPUs free: "
+            "0: NVIDIA L4 (22 GiB, pool a), 1: NVIDIA L4 (22 GiB, pool b); "
+            "lower pool.workers or the count in resources.accelerators"
+        ],
+    )
+    deployment.cli("pool", "down", "a", "-y")
+    deployment.cli("pool", "down", "b", "-y")
 
 
 # -- local files through the relay, server restarts, hosts down at launch ----------------

@@ -10,6 +10,7 @@ from skybatch.errors import PoolError, PoolSpecError
 from skybatch.pools.gpus import (
     Gpu,
     GpuLedger,
+    Held,
     check_fits,
     cuda_env,
     describe,
@@ -114,6 +115,13 @@ def test_cuda_env_numbers_gpus_as_nvidia_smi_does() -> None:
     assert cuda_env([])["CUDA_VISIBLE_DEVICES"] == ""
 
 
+OTHER_L4 = [Gpu(i, "NVIDIA L4", 23034, f"GPU-other-{i}") for i in range(4)]
+
+
+def _indices(gpus: list[Gpu]) -> list[int]:
+    return [g.index for g in gpus]
+
+
 def test_ledger_claims_are_disjoint_under_concurrent_launches() -> None:
     ledger = GpuLedger()
     chosen: dict[int, list[int]] = {}
@@ -121,7 +129,7 @@ def test_ledger_claims_are_disjoint_under_concurrent_launches() -> None:
 
     def launch(worker_id: int) -> None:
         barrier.wait(timeout=10)
-        chosen[worker_id] = ledger.claim(worker_id, "p", "h", FOUR_L4, "L4:1", "h")
+        chosen[worker_id] = _indices(ledger.claim(worker_id, "p", "h", FOUR_L4, "L4:1", "h"))
 
     threads = [threading.Thread(target=launch, args=(i,)) for i in range(4)]
     for t in threads:
@@ -131,8 +139,23 @@ def test_ledger_claims_are_disjoint_under_concurrent_launches() -> None:
     assert sorted(g for gs in chosen.values() for g in gs) == [0, 1, 2, 3]
     with pytest.raises(PoolError):
         ledger.claim(5, "p", "h", FOUR_L4, "L4:1", "h")
-    # Another host's GPUs are its own.
-    assert ledger.claim(5, "p", "other", FOUR_L4, "L4:1", "other") == [0]
+    # Another machine's GPUs are its own.
+    assert _indices(ledger.claim(5, "p", "other", OTHER_L4, "L4:1", "other")) == [0]
+
+
+def test_one_machine_named_two_ways_never_hands_a_gpu_out_twice() -> None:
+    ledger = GpuLedger()
+    assert ledger.claim(1, "a", "host-0", FOUR_L4[:1], "L4:1", "host-0") == [FOUR_L4[0]]
+    # Before: claims were keyed by the host's name, so root@host-0 got GPU 0 again.
+    with pytest.raises(
+        PoolError, match=r"^a worker needs L4:1 but host root@host-0 has 0 L4 GPUs free: "
+        r"0: NVIDIA L4 \(22 GiB, pool a\)$",
+    ):  # fmt: skip
+        ledger.claim(2, "b", "root@host-0", FOUR_L4[:1], "L4:1", "host root@host-0")
+    held = ledger.held(exclude_pool="b")
+    assert held.on("host-0:22", FOUR_L4) == {0: "a"}
+    assert held.on("host-1", OTHER_L4) == {}
+    assert ledger.held(exclude_pool="a") == Held()
 
 
 def test_ledger_sync_frees_the_gone_keeps_launches_and_learns_handles() -> None:
@@ -141,8 +164,19 @@ def test_ledger_sync_frees_the_gone_keeps_launches_and_learns_handles() -> None:
     ledger.claim(2, "b", "h", FOUR_L4, "L4:1", "h")  # worker 2: [2], then lost
     # Worker 1's launch is under way (no handle yet); worker 3 came from an earlier
     # server's handle; worker 2 is no longer live.
-    ledger.sync([(1, "a", {}), (3, "c", {"host": "h", "gpus": [3]})])
-    assert ledger.held() == {"h": {0: "a", 1: "a", 3: "c"}}
-    assert ledger.held(exclude_pool="a") == {"h": {3: "c"}}
+    ledger.sync([(1, "a", {}), (3, "c", {"host": "h", "gpus": [3], "gpu_uuids": ["GPU-3"]})])
+    assert ledger.held().on("h", FOUR_L4) == {0: "a", 1: "a", 3: "c"}
+    assert ledger.held(exclude_pool="a").on("h", FOUR_L4) == {3: "c"}
+    # By UUID: the handle's GPU is held under any name of its machine.
+    assert ledger.held().on("root@h", FOUR_L4) == {0: "a", 1: "a", 3: "c"}
     # The lost worker's replacement gets its GPU back.
-    assert ledger.claim(4, "b", "h", FOUR_L4, "L4:1", "h") == [2]
+    assert _indices(ledger.claim(4, "b", "h", FOUR_L4, "L4:1", "h")) == [2]
+
+
+def test_a_handle_without_uuids_holds_by_host_and_index() -> None:
+    ledger = GpuLedger()
+    # Written by a server from before UUIDs were kept.
+    ledger.sync([(1, "old", {"host": "h", "gpus": [1]})])
+    assert ledger.held().on("h", FOUR_L4) == {1: "old"}
+    assert ledger.held().on("other", OTHER_L4) == {}
+    assert _indices(ledger.claim(2, "new", "h", FOUR_L4, "L4:2", "h")) == [0, 2]

@@ -41,7 +41,9 @@ def test_addresses_accepted(address: str) -> None:
     assert spec.provider_config.model_dump() == {"type": "ray", "address": address}
 
 
-@pytest.mark.parametrize("address", ["", "head", "http://head:8265", "ray://head", "a b:1"])
+@pytest.mark.parametrize(
+    "address", ["", "head", "http://head:8265", "ray://head", "a b:1", "h:123456"]
+)
 def test_bad_address_names_the_field(address: str) -> None:
     with pytest.raises(PoolSpecError) as e:
         _spec("{cpus: 1}", f"{{type: ray, address: '{address}'}}")
@@ -49,6 +51,16 @@ def test_bad_address_names_the_field(address: str) -> None:
         "pool YAML line 3: provider.address: expected auto, HOST:PORT (the head's GCS, port "
         "6379 by default) or ray://HOST:PORT (Ray Client, port 10001), "
         f"got {address!r}"
+    )
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "ray://head:0", "head:65536"])
+def test_port_out_of_range_names_the_field(address: str) -> None:
+    with pytest.raises(PoolSpecError) as e:
+        _spec("{cpus: 1}", f"{{type: ray, address: '{address}'}}")
+    port = int(address.rsplit(":", 1)[1])
+    assert str(e.value) == (
+        f"pool YAML line 3: provider.address: port {port} of {address!r} is not between 1 and 65535"
     )
 
 
@@ -105,6 +117,72 @@ _NODES = [
 )
 def test_fit_error_says_which_resource(resources: str, error: str | None) -> None:
     assert _fit_error("A", _demand(_spec(resources)), _NODES) == error
+
+
+@pytest.mark.parametrize(
+    ("resources", "workers", "error"),
+    [
+        # head holds 8 and gpu-1 4 workers of 1 CPU; the dead node counts for nothing.
+        ("{cpus: 1}", 12, None),
+        (
+            "{cpus: 1}",
+            13,
+            "resources.cpus: the Ray cluster at A holds 12 workers of this size (1 CPU), not "
+            "the pool's 13 (its nodes offer: gpu-1: 4 CPU; head: 8 CPU); ask for fewer "
+            "workers or less, or add nodes",
+        ),
+        # 3 CPUs each: two on head, one on gpu-1 (the CPUs left over on each are no worker).
+        ("{cpus: 3}", 3, None),
+        (
+            "{cpus: 3}",
+            4,
+            "resources.cpus: the Ray cluster at A holds 3 workers of this size (3 CPU), not "
+            "the pool's 4 (its nodes offer: gpu-1: 4 CPU; head: 8 CPU); ask for fewer workers "
+            "or less, or add nodes",
+        ),
+        # Memory binds before CPUs: 32 GB on head and 16 on gpu-1 hold 3 workers of 16 GB.
+        (
+            "{cpus: 1, memory: 16}",
+            4,
+            "resources.memory: the Ray cluster at A holds 3 workers of this size (1 CPU, 16 GB "
+            "memory), not the pool's 4 (its nodes offer: gpu-1: 4 CPU, 16 GB memory; head: 8 "
+            "CPU, 32 GB memory); ask for fewer workers or less, or add nodes",
+        ),
+        # One GPU in the cluster: a second GPU worker never fits, whatever the CPUs say.
+        ("{cpus: 1, accelerators: L4:1}", 1, None),
+        (
+            "{cpus: 1, accelerators: L4:1}",
+            2,
+            "resources.accelerators: the Ray cluster at A holds 1 worker of this size (1 CPU, "
+            "1 GPU, accelerator_type:L4), not the pool's 2 (its nodes offer: gpu-1: 4 CPU, 1 "
+            "GPU, accelerator_type:L4; head: 8 CPU); ask for fewer workers or less, or add nodes",
+        ),
+        # A tie between GPUs and CPUs (gpu-1 has 4 CPUs) names the GPUs.
+        (
+            "{cpus: 4, accelerators: L4:1}",
+            2,
+            "resources.accelerators: the Ray cluster at A holds 1 worker of this size (4 CPU, "
+            "1 GPU, accelerator_type:L4), not the pool's 2 (its nodes offer: gpu-1: 4 CPU, 1 "
+            "GPU, accelerator_type:L4; head: 8 CPU); ask for fewer workers or less, or add nodes",
+        ),
+        # A worker no node holds at all is still the one-worker refusal.
+        (
+            "{cpus: 16}",
+            2,
+            "resources.cpus: no node of the Ray cluster at A has 16 CPU for one worker (its "
+            "nodes offer: gpu-1: 4 CPU; head: 8 CPU); ask for less or add such a node",
+        ),
+    ],
+)
+def test_fit_error_packs_the_whole_pool(resources: str, workers: int, error: str | None) -> None:
+    assert _fit_error("A", _demand(_spec(resources)), _NODES, workers) == error
+
+
+def test_fractions_pack_without_float_error() -> None:
+    # 0.7 / 0.1 is 6.999999999999999 in floats; Ray, counting in 1e-4, places 7.
+    nodes = [{"Alive": True, "NodeName": "n", "Resources": {"CPU": 0.7}}]
+    assert _fit_error("A", {"CPU": 0.1}, nodes, 7) is None
+    assert _fit_error("A", {"CPU": 0.1}, nodes, 8) is not None
 
 
 def test_no_live_node() -> None:

@@ -14,7 +14,7 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from skybatch.errors import PoolError, PoolSpecError
@@ -40,8 +40,6 @@ NVIDIA_SMI_QUERY = (
     "--format=csv,noheader,nounits",
 )
 
-#: GPU index → the pool of the worker holding it, per host.
-Held = Mapping[str, Mapping[int, str]]
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -198,20 +196,57 @@ def local_gpus(where: str = "this machine") -> list[Gpu]:
     return [g for g in gpus if str(g.index) in allowed or g.uuid in allowed]
 
 
-class GpuLedger:
-    """Which GPUs each live worker holds, per host: one per server, for every provider.
+def _key(host: str, index: int, uuid: str) -> str:
+    """What names one physical GPU in the ledger: its UUID, which no other name of its
+    machine changes; host and index only where no UUID is known (a handle from before)."""
+    if uuid and uuid != "[N/A]":
+        return uuid
+    return f"{host}\0{index}"
 
-    A provider claims a worker's GPUs in its launch (under this ledger's lock, so
-    workers launched at once never share one); the server brings the ledger in
-    line with the store before each launch and check (:meth:`sync`): the claims of
-    workers no longer live go, and those of workers launched by an earlier server
-    come back from their handles.
+
+@dataclass(frozen=True)
+class Held:
+    """The GPUs that other workers hold, whatever their host was called: GPU key (see
+    :func:`_key`) → pool."""
+
+    pools: Mapping[str, str] = field(default_factory=dict)
+
+    def on(self, host: str, gpus: Sequence[Gpu]) -> dict[int, str]:
+        """Index → pool for those of ``host``'s ``gpus`` that are held (what
+        :func:`check_fits`, :func:`pick` and :func:`describe` take)."""
+        out = {}
+        for g in gpus:
+            pool = self.pools.get(_key(host, g.index, g.uuid)) or self.pools.get(
+                _key(host, g.index, "")
+            )
+            if pool is not None:
+                out[g.index] = pool
+        return out
+
+
+@dataclass(frozen=True)
+class _Claim:
+    pool: str
+    host: str
+    keys: tuple[str, ...]
+
+
+class GpuLedger:
+    """Which GPUs each live worker holds: one per server, for every provider.
+
+    A GPU is held by its UUID, so one machine named two ways (``host``,
+    ``root@host``) never hands a GPU out twice. A provider claims a worker's GPUs in
+    its launch (under this ledger's lock, so workers launched at once never share
+    one); the server brings the ledger in line with the store before each launch and
+    check (:meth:`sync`): the claims of workers no longer live go, and those of
+    workers launched by an earlier server come back from their handles (``gpus`` and
+    ``gpu_uuids``; host and index for a handle without UUIDs).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: worker id → (pool, host, GPU indices)
-        self._claims: dict[int, tuple[str, str, tuple[int, ...]]] = {}
+        #: worker id → what it holds
+        self._claims: dict[int, _Claim] = {}
 
     def sync(self, live: Iterable[tuple[int, str, Mapping[str, Any]]]) -> None:
         """``live``: every live worker's (id, pool, handle); an empty handle is a launch
@@ -220,19 +255,26 @@ class GpuLedger:
             claims = {}
             for worker_id, pool, handle in live:
                 if handle.get("host") is not None and handle.get("gpus"):
-                    claims[worker_id] = (pool, str(handle["host"]), tuple(handle["gpus"]))
+                    host = str(handle["host"])
+                    indices = [int(i) for i in handle["gpus"]]
+                    uuids = [str(u) for u in handle.get("gpu_uuids") or []]
+                    if len(uuids) != len(indices):
+                        uuids = [""] * len(indices)
+                    keys = tuple(_key(host, i, u) for i, u in zip(indices, uuids, strict=True))
+                    claims[worker_id] = _Claim(pool, host, keys)
                 elif worker_id in self._claims:
                     claims[worker_id] = self._claims[worker_id]
             self._claims = claims
 
-    def held(self, exclude_pool: str | None = None) -> dict[str, dict[int, str]]:
-        """host → GPU index → the pool holding it (leaving out ``exclude_pool``'s workers)."""
+    def held(self, exclude_pool: str | None = None) -> Held:
+        """The GPUs held, leaving out ``exclude_pool``'s workers."""
         with self._lock:
-            out: dict[str, dict[int, str]] = {}
-            for pool, host, indices in self._claims.values():
-                if pool != exclude_pool:
-                    out.setdefault(host, {}).update(dict.fromkeys(indices, pool))
-            return out
+            return Held(self._pools(exclude_pool))
+
+    def _pools(self, exclude_pool: str | None = None) -> dict[str, str]:
+        return {
+            key: c.pool for c in self._claims.values() if c.pool != exclude_pool for key in c.keys
+        }
 
     def claim(
         self,
@@ -242,14 +284,14 @@ class GpuLedger:
         gpus: Sequence[Gpu],
         accelerators: str,
         where: str,
-    ) -> list[int]:
-        """Pick and hold one worker's GPUs on ``host`` (see :func:`pick`)."""
+    ) -> list[Gpu]:
+        """Pick and hold one worker's GPUs among ``host``'s ``gpus`` (see :func:`pick`)."""
         with self._lock:
             self._claims.pop(worker_id, None)
-            held: dict[int, str] = {}
-            for other, other_host, indices in self._claims.values():
-                if other_host == host:
-                    held.update(dict.fromkeys(indices, other))
-            chosen = pick(gpus, held, accelerators, where)
-            self._claims[worker_id] = (pool, host, tuple(chosen))
-            return chosen
+            held = Held(self._pools()).on(host, gpus)
+            chosen = set(pick(gpus, held, accelerators, where))
+            placed = [g for g in gpus if g.index in chosen]
+            self._claims[worker_id] = _Claim(
+                pool, host, tuple(_key(host, g.index, g.uuid) for g in placed)
+            )
+            return placed

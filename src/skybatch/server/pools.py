@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
 from typing import Any
 
 from skybatch import defaults
-from skybatch.errors import ConflictError, NotFoundError
+from skybatch.errors import ConflictError, NotFoundError, PoolError
 from skybatch.pools.gpus import GpuLedger
 from skybatch.pools.providers.base import Provider, ServerAccess, WorkerLaunch, provider_for
 from skybatch.pools.registry import ProviderConfig, parse_config
@@ -34,6 +35,10 @@ _LAUNCH_BACKOFF = (1.0, 60.0)
 #: size the pool, and a bounded read on the event loop however long the queue (0.3 ms).
 _WAITING_CAP = 1000
 
+#: Seconds a server stopping waits for the scaling steps under way (a launch can take
+#: minutes: a Ray placement, an SSH host's venv) before it stops the live workers anyway.
+_STOP_WAIT = 3.0
+
 #: Liveness checks in flight at once: each holds a thread while it waits (on a network
 #: round trip, for a remote provider), and the threads are shared with launches and stops.
 _ALIVE_CHECKS = 8
@@ -47,12 +52,20 @@ class PoolService:
         # remembers the agents it started, a remote one its connections.
         self._providers: dict[str, Provider] = {}
         self._early_deaths: dict[tuple[str, int], int] = defaultdict(int)
-        self._lock = asyncio.Lock()
+        # One lock per pool, held across its launches: one pool's slow provider (a Ray
+        # placement, an SSH host) never holds up another pool, nor the monitor.
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Set once the server stops: a launch that ends after it stops its own agent.
+        self._closing = threading.Event()
         # Autoscaling: the step under way per pool, and each pool's last decision and when.
         self._scaling: dict[str, asyncio.Task[None]] = {}
         self._decisions: dict[str, tuple[str, float]] = {}
         # Pools with a worker whose launch failed: when to try again (the clock's time).
         self._retry_at: dict[str, float] = {}
+        # Each pool's last failed launch, shown while the pool is short of it.
+        self._launch_errors: dict[str, str] = {}
+        # Pools with a worker that died, to replace in a scaling step of their own.
+        self._replace: set[str] = set()
         # Who holds which GPUs, across pools and providers: launches claim from it.
         self._gpus = GpuLedger()
 
@@ -157,7 +170,7 @@ class PoolService:
         # Its own workers' GPUs count as free: the check asks whether the whole pool fits.
         held = self._synced_gpus().held(exclude_pool=name)
         await asyncio.to_thread(self.provider(spec.provider_config).check, spec, held)
-        async with self._lock:
+        async with self._locks[name]:
             store = self.ctx.store
             old = store.get_pool(name)
             restart = (
@@ -178,9 +191,12 @@ class PoolService:
         for job in self.ctx.store.list_jobs(active_only=True):
             if job.pool == name and job.status is not JobStatus.REDUCING:
                 await self.jobs.cancel(job.id, f"pool {name} was taken down")
-        async with self._lock:
+        async with self._locks[name]:
             await self._stop(self.ctx.store.list_workers(name, live_only=True), "pool down")
             self.ctx.store.delete_pool(name)
+            self._launch_errors.pop(name, None)
+            self._retry_at.pop(name, None)
+            self._replace.discard(name)
             spec = PoolSpec.model_validate(pool.spec)
             await asyncio.to_thread(self.provider(spec.provider_config).remove, name, self.ctx.home)
         self.ctx.notifier.notify(("pool-status", name))
@@ -188,8 +204,14 @@ class PoolService:
 
     async def stop_all(self) -> None:
         """On server shutdown: stop every agent; the next start relaunches them."""
-        # A scaling step under way finishes first: a launch cut short would leave its agent.
-        await asyncio.gather(*self._scaling.values(), return_exceptions=True)
+        # Before the workers are listed: a launch that ends later stops its own agent
+        # (see _launch), one that ended before has its handle listed here.
+        self._closing.set()
+        # A scaling step about to end may finish; a launch that takes minutes must not
+        # keep the live agents running until the server is killed.
+        scaling = list(self._scaling.values())
+        if scaling:
+            await asyncio.wait(scaling, timeout=_STOP_WAIT)
         await self._stop(self.ctx.store.list_workers(live_only=True), "server stopped")
         for provider in self._providers.values():
             try:
@@ -199,18 +221,36 @@ class PoolService:
 
     async def start_all(self) -> None:
         """On server start: bring every pool back to its size (agents may have survived)."""
-        for pool in self.ctx.store.list_pools():
-            if pool.status is not PoolStatus.FAILED:
-                async with self._lock:
-                    await self._reconcile(pool.name)
+        store, now = self.ctx.store, self.ctx.clock()
+        for w in store.list_workers(live_only=True):
+            if w.status is WorkerStatus.STARTING and not w.handle:
+                # A launch the last server never finished (it was killed meanwhile): no
+                # agent of it will ever register, so its pool replaces it.
+                store.set_worker(
+                    w.id,
+                    status=WorkerStatus.LOST,
+                    error="the server stopped before this worker's launch finished",
+                    now=now,
+                )
+        await asyncio.gather(
+            *(
+                self._reconcile_locked(pool.name)
+                for pool in store.list_pools()
+                if pool.status is not PoolStatus.FAILED
+            )
+        )
+
+    async def _reconcile_locked(self, name: str) -> None:
+        async with self._locks[name]:
+            await self._reconcile(name)
 
     async def _reconcile(self, name: str) -> None:
         """Launch missing workers and stop extra ones, so the pool has its size: ``workers``,
         or for an autoscaled pool what its queue asks (``autoscale.decide``)."""
         store = self.ctx.store
         pool = store.get_pool(name)
-        if pool is None or pool.status is PoolStatus.FAILED:
-            return
+        if pool is None or pool.status is PoolStatus.FAILED or self._closing.is_set():
+            return  # a step that waited for its pool's lock while the server stopped
         spec = PoolSpec.model_validate(pool.spec)
         keep: dict[int, WorkerRecord] = {}
         extra = []
@@ -231,7 +271,9 @@ class PoolService:
                 log.info("pool %s: %s", name, decision.reason)
             # The lowest free indices: a worker started again finds its directory and setup.
             missing = missing[: decision.launch]
-        await asyncio.gather(*(self._launch(name, i, spec) for i in missing))
+        launched = await asyncio.gather(*(self._launch(name, i, spec) for i in missing))
+        if all(launched):
+            self._launch_errors.pop(name, None)
         self._update_status(name)
 
     def _decide(self, name: str, spec: PoolSpec) -> Decision:
@@ -278,19 +320,26 @@ class PoolService:
             if pool.status is PoolStatus.FAILED or pool.name in self._scaling:
                 continue
             spec = PoolSpec.model_validate(pool.spec)
-            if spec.autoscaled and self._decide(pool.name, spec).changes:
+            if not spec.autoscaled:
+                continue
+            decision = self._decide(pool.name, spec)
+            # After a failed launch, growing waits for its backoff (_retry_launches starts
+            # that step); scaling down does not.
+            if decision.launch and pool.name in self._retry_at:
+                continue
+            if decision.changes:
                 self._scaling[pool.name] = asyncio.create_task(self._scale(pool.name))
 
     async def _scale(self, name: str) -> None:
         try:
-            async with self._lock:
-                await self._reconcile(name)
+            await self._reconcile_locked(name)
         except Exception:  # the next tick tries again
             log.exception("scaling pool %s failed", name)
         finally:
             self._scaling.pop(name, None)
 
-    async def _launch(self, pool: str, index: int, spec: PoolSpec) -> None:
+    async def _launch(self, pool: str, index: int, spec: PoolSpec) -> bool:
+        """Start one worker; False if its launch failed (tried again after a backoff)."""
         store = self.ctx.store
         worker_id = store.add_worker(pool, index, self.ctx.clock())
         launch = WorkerLaunch(
@@ -304,13 +353,38 @@ class PoolService:
             server_cert=self.ctx.cert,
             gpus=self._synced_gpus(),
         )
+        provider = self.provider(spec.provider_config)
+
+        def run() -> None:
+            handle = provider.launch(launch)
+            # Recorded from the launch's own thread: a server that stops meanwhile
+            # cancels the task awaiting it, and must neither lose nor leave the agent.
+            # Recorded before the check: stop_all sets _closing, then lists the workers.
+            try:
+                store.set_worker(worker_id, handle=handle, now=self.ctx.clock())
+                if self._closing.is_set():
+                    store.set_worker(
+                        worker_id,
+                        status=WorkerStatus.STOPPED,
+                        error="server stopped",
+                        now=self.ctx.clock(),
+                    )
+            finally:
+                if self._closing.is_set():  # even if the store closed first
+                    log.info("worker %d of pool %s started as the server stopped", index, pool)
+                    provider.terminate(handle, defaults.KILL_GRACE)
+
         try:
-            handle = await asyncio.to_thread(self.provider(spec.provider_config).launch, launch)
+            await asyncio.to_thread(run)
+        except PoolError as e:  # the provider's one-line reason: no traceback to add
+            log.warning("launching worker %d of pool %s failed: %s", index, pool, e)
+            self._launch_failed(pool, index, worker_id, e)
+            return False
         except Exception as e:
             log.exception("launching worker %d of pool %s failed", index, pool)
             self._launch_failed(pool, index, worker_id, e)
-            return
-        store.set_worker(worker_id, handle=handle, now=self.ctx.clock())
+            return False
+        return True
 
     def _launch_failed(self, pool: str, index: int, worker_id: int, error: Exception) -> None:
         """A launch that failed counts as an early death: tried again with backoff while
@@ -330,9 +404,8 @@ class PoolService:
             return
         delay = min(_LAUNCH_BACKOFF[0] * 2 ** (failures - 1), _LAUNCH_BACKOFF[1])
         self._retry_at[pool] = min(self._retry_at.get(pool, now + delay), now + delay)
-        store.set_pool_status(
-            pool, PoolStatus.DEGRADED, f"{message}; trying again in {delay:g}s", now
-        )
+        self._launch_errors[pool] = f"{message}; trying again in {delay:g}s"
+        store.set_pool_status(pool, PoolStatus.DEGRADED, self._launch_errors[pool], now)
 
     def _retry_launches(self) -> None:
         """Launch again the workers of pools whose backoff after a failed launch is over;
@@ -343,6 +416,14 @@ class PoolService:
                 continue
             del self._retry_at[name]
             self._scaling[name] = asyncio.create_task(self._scale(name))
+
+    def _replace_lost(self) -> None:
+        """Replace the workers found dead, in a step per pool like a scaling step: the
+        monitor never waits on a launch. A pool with a step under way waits its turn."""
+        for name in list(self._replace):
+            if name not in self._scaling:
+                self._replace.discard(name)
+                self._scaling[name] = asyncio.create_task(self._scale(name))
 
     async def _stop(self, workers: list[WorkerRecord], reason: str) -> None:
         if not workers:
@@ -400,8 +481,15 @@ class PoolService:
             status = PoolStatus.DEGRADED
         else:
             status = PoolStatus.PROVISIONING
-        if status is not pool.status:
-            store.set_pool_status(name, status, None, self.ctx.clock())
+        # A READY pool short of its target because a launch failed (an autoscaled pool
+        # growing) says why; a pool that is not READY keeps its error while it recovers.
+        launch_error = self._launch_errors.get(name)
+        if status is PoolStatus.READY or status is not pool.status:
+            error = launch_error
+        else:
+            error = pool.error
+        if (status, error) != (pool.status, pool.error):
+            store.set_pool_status(name, status, error, self.ctx.clock())
         self.ctx.notifier.notify(("pool-status", name))
 
     async def wait_settled(self, name: str, timeout: float) -> PoolRecord:
@@ -474,6 +562,7 @@ class PoolService:
         await self.jobs.handle_exhausted(exhausted)
         for w in await self._dead_workers():
             await self._lost(w)
+        self._replace_lost()
         self._retry_launches()
         self._autoscale()
 
@@ -523,8 +612,7 @@ class PoolService:
                 )
                 self.ctx.notifier.notify(("pool-status", w.pool))
                 return
-        async with self._lock:
-            await self._reconcile(w.pool)
+        self._replace.add(w.pool)
 
     def _log_of(self, w: WorkerRecord) -> str:
         """Where the worker's agent and setup output is: on its host for a remote worker

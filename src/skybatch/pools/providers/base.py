@@ -80,8 +80,8 @@ class Provider(abc.ABC):
         """Raise PoolSpecError, one line naming the field or host, when ``spec`` cannot
         run here (an unreachable host, too few GPUs). Called at `pool apply`, in a thread.
 
-        ``held``: host → GPU index → pool, the GPUs other pools' live workers hold
-        (``gpus.check_fits`` takes one host's)."""
+        ``held``: the GPUs other pools' live workers hold (``held.on(host, gpus)`` is
+        what ``gpus.check_fits`` takes for one host)."""
         return None
 
     def close(self) -> None:

@@ -53,10 +53,10 @@ class LocalProvider(Provider):
             present = gpus.local_gpus()
         except PoolError as e:
             raise PoolSpecError(f"{e}; the pool asks for {spec.resources.accelerators}") from None
-        taken = (held or {}).get(HOST, {})
+        taken = (held or gpus.Held()).on(HOST, present)
         gpus.check_fits(present, taken, spec.resources.accelerators, spec.workers, "this machine")
 
-    def _place(self, worker: WorkerLaunch) -> list[int]:
+    def _place(self, worker: WorkerLaunch) -> list[gpus.Gpu]:
         accelerators = worker.spec.resources.accelerators
         if accelerators is None:
             return []
@@ -66,7 +66,8 @@ class LocalProvider(Provider):
         )
 
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
-        placed = self._place(worker)
+        chosen = self._place(worker)
+        placed = [g.index for g in chosen]
         workdir = worker.home.worker_dir(worker.pool, worker.index)
         workdir.mkdir(parents=True, exist_ok=True)
         if worker.spec.workdir:
@@ -120,6 +121,7 @@ class LocalProvider(Provider):
             "dir": str(workdir),
             "host": HOST,
             "gpus": placed,
+            "gpu_uuids": [g.uuid for g in chosen],
         }
 
     def agent_env(self, worker: WorkerLaunch) -> dict[str, str]:

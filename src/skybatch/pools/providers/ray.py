@@ -13,9 +13,15 @@ again by the name in its handle. The actor is placed with the pool's resources
 (``cpus`` → ``num_cpus``, ``accelerators: L4:1`` → ``num_gpus=1`` plus a sliver of the
 node resource ``accelerator_type:L4``, ``memory`` GB → ``memory``) and starts
 ``python -m skybatch.agent`` beside it on its node, which then pulls from the server
-like any other agent. The token (and the server's certificate) reach the agent as an
+like any other agent. An actor without GPUs runs its agent with ``CUDA_VISIBLE_DEVICES``
+empty (unless the pool's ``envs`` set it): Ray leaves it unset, which shows every GPU of
+the node. The token (and the server's certificate) reach the agent as an
 actor-method argument and then its stdin: never in options, names, environments or
 command lines, which Ray shows in its logs and dashboard.
+
+`pool apply` refuses a pool whose workers the cluster's nodes could never hold all at
+once (each node packed by its total resources); one that fits but finds the cluster busy
+waits at most ``PLACE_TIMEOUT`` per worker.
 
 Ray's own restarts are off (``max_restarts=0``): a dead actor is a lost worker to the
 server, which re-leases its batches at once and launches a replacement.
@@ -40,6 +46,7 @@ import importlib.util
 import io
 import ipaddress
 import logging
+import math
 import os
 import re
 import shutil
@@ -59,6 +66,7 @@ from pydantic import field_validator
 
 from skybatch.config import Home, forbid_inspection, open_private
 from skybatch.errors import PoolError, PoolSpecError
+from skybatch.pools import gpus
 from skybatch.pools.providers.base import Provider, WorkerLaunch
 from skybatch.pools.registry import ProviderConfig
 from skybatch.pools.spec import PoolSpec
@@ -75,8 +83,10 @@ log = logging.getLogger("skybatch.server")
 
 #: The Ray namespace of every skybatch actor (names are unique within it).
 NAMESPACE = "skybatch"
-#: How long a launch waits for its actor to be placed and its agent started.
-PLACE_TIMEOUT = 120.0
+#: How long a launch waits for its actor to be placed and its agent started: well under
+#: the client's request timeout (client/api.py), so that `pool apply` on a busy cluster
+#: ends in this launch's error, not in a timeout that names nothing.
+PLACE_TIMEOUT = 60.0
 #: One liveness round trip; a slower answer counts as alive (the lease expiry still
 #: catches a worker that stopped working), a dead actor answers at once.
 ALIVE_TIMEOUT = 5.0
@@ -86,7 +96,7 @@ WORKDIR_LIMIT = 64 * 1024 * 1024
 #: what one worker takes, so that any number of workers fit beside each other.
 _ACCEL_SHARE = 0.001
 
-_ADDRESS = re.compile(r"^(auto|ray://[^\s:/]+:\d{1,5}|[^\s:/]+:\d{1,5})$")
+_ADDRESS = re.compile(r"^(auto|ray://[^\s:/]+:(\d{1,5})|[^\s:/]+:(\d{1,5}))$")
 
 
 class RayConfig(ProviderConfig):
@@ -99,11 +109,16 @@ class RayConfig(ProviderConfig):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        if not _ADDRESS.match(value):
+        match = _ADDRESS.match(value)
+        if not match:
             raise ValueError(
                 f"expected auto, HOST:PORT (the head's GCS, port 6379 by default) or "
                 f"ray://HOST:PORT (Ray Client, port 10001), got {value!r}"
             )
+        port = match.group(2) or match.group(3)
+        if port is not None and not 1 <= int(port) <= 65535:
+            # A socket would take it modulo 2**16 and quietly reach another port.
+            raise ValueError(f"port {int(port)} of {value!r} is not between 1 and 65535")
         return value
 
 
@@ -220,8 +235,40 @@ def _shown(resource: str, amount: float) -> str:
     return f"{amount:g} {resource}"
 
 
-def _fit_error(address: str, demand: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
-    """Why no node of the cluster can ever hold one worker, or None."""
+def _fits(total: dict[str, float], demand: dict[str, float], resource: str | None = None) -> int:
+    """How many workers a node of these total resources holds (only as far as
+    ``resource`` goes, if given). The slack absorbs float error: Ray counts in 1e-4."""
+    keys = [resource] if resource else list(demand)
+    return min(math.floor(total.get(k, 0) / demand[k] + 1e-6) for k in keys)
+
+
+#: Which resource a refusal names when several run out together: the scarcer kinds first.
+_BLAME_ORDER = ("GPU", "memory", "CPU")
+
+
+def _capacity(demand: dict[str, float], totals: list[dict[str, float]]) -> tuple[int, str]:
+    """How many workers the nodes hold together (each node packed by its total resources),
+    and the resource that bounds that number."""
+    holding = [t for t in totals if _fits(t, demand) > 0]
+    count = sum(_fits(t, demand) for t in holding)
+    ranked = sorted(
+        demand,
+        key=lambda k: (
+            sum(_fits(t, demand, k) for t in holding),
+            _BLAME_ORDER.index(k) if k in _BLAME_ORDER else len(_BLAME_ORDER),
+        ),
+    )
+    return count, ranked[0]
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _fit_error(
+    address: str, demand: dict[str, float], nodes: list[dict[str, Any]], workers: int = 1
+) -> str | None:
+    """Why the cluster's nodes can never hold ``workers`` workers, or None."""
     live = sorted(
         (str(n.get("NodeName") or n.get("NodeManagerAddress")), n.get("Resources", {}))
         for n in nodes
@@ -230,12 +277,20 @@ def _fit_error(address: str, demand: dict[str, float], nodes: list[dict[str, Any
     totals = [t for _, t in live]
     if not totals:
         return f"provider.address: the Ray cluster at {address} has no live node"
-    if any(all(t.get(k, 0) >= v for k, v in demand.items()) for t in totals):
-        return None
     offered = "; ".join(
         f"{name}: " + (", ".join(_shown(k, t.get(k, 0)) for k in demand if t.get(k, 0)) or "none")
         for name, t in live
     )
+    if any(_fits(t, demand) > 0 for t in totals):
+        count, bound = _capacity(demand, totals)
+        if count >= workers:
+            return None
+        wanted = ", ".join(_shown(k, v) for k, v in demand.items())
+        return (
+            f"{_FIELDS.get(bound, 'resources.accelerators')}: the Ray cluster at {address} "
+            f"holds {_plural(count, 'worker')} of this size ({wanted}), not the pool's "
+            f"{workers} (its nodes offer: {offered}); ask for fewer workers or less, or add nodes"
+        )
     for resource, amount in demand.items():
         if not any(t.get(resource, 0) >= amount for t in totals):
             field = _FIELDS.get(resource, "resources.accelerators")
@@ -248,6 +303,16 @@ def _fit_error(address: str, demand: dict[str, float], nodes: list[dict[str, Any
         f"resources: no node of the Ray cluster at {address} has {wanted} together for one "
         f"worker (its nodes offer: {offered}); ask for less or add such a node"
     )
+
+
+def _free(ray: Any, demand: dict[str, float]) -> str:
+    """What the cluster has free now, of the resources a worker asks for."""
+    try:
+        free = ray.available_resources()
+    except Exception:  # the error it explains must still come out
+        return "(unknown)"
+    shown = [_shown(k, free.get(k, 0)) for k in demand if not k.startswith("accelerator_type:")]
+    return ", ".join(shown)
 
 
 def _pack(workdir: str | None) -> bytes | None:
@@ -446,11 +511,11 @@ class WorkerActor:
         if self._failed is not None:
             raise self._failed
         assert self._proc is not None
-        gpus = [int(g) if str(g).isdigit() else g for g in ray.get_gpu_ids()]
+        gpu_ids = [int(g) if str(g).isdigit() else g for g in ray.get_gpu_ids()]
         return {
             "pid": self._proc.pid,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "gpus": gpus,
+            "gpus": gpu_ids,
             "dir": str(worker_dir),
             "version": __version__,
         }
@@ -541,7 +606,10 @@ class RayProvider(Provider):
     def check(self, spec: PoolSpec, held: Any = None) -> None:
         ray = self._ray()
         nodes = ray.nodes()
-        problem = _fit_error(self.address, _demand(spec), nodes) or self._unreachable(nodes)
+        # Against the nodes' totals, not what is free now: other tenants come and go,
+        # and this pool's own live actors hold part of what it asks for.
+        problem = _fit_error(self.address, _demand(spec), nodes, spec.pool.high)
+        problem = problem or self._unreachable(nodes)
         if problem:
             raise PoolSpecError(problem)
         _pack(spec.workdir)
@@ -600,6 +668,10 @@ class RayProvider(Provider):
             **_actor_options(demand),
         ).remote()
         env = dict(worker.spec.envs)
+        if "GPU" not in demand and "CUDA_VISIBLE_DEVICES" not in env:
+            # Ray leaves CUDA_VISIBLE_DEVICES unset for an actor without GPUs, which would
+            # show the mapper every GPU of its node: hide them, as a local pool does.
+            env = {**gpus.cuda_env([]), **env}
         env.update(
             SKYBATCH_SERVER_URL=worker.server_url,
             SKYBATCH_WORKER_ID=str(worker.worker_id),
@@ -621,7 +693,7 @@ class RayProvider(Provider):
         except Exception as e:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
-            raise PoolError(self._launch_error(e, demand)) from None
+            raise PoolError(self._launch_error(e, demand, worker.spec.pool.high)) from None
         with self._lock:
             self._actors[name] = actor
         if info["version"] != __version__:
@@ -639,14 +711,16 @@ class RayProvider(Provider):
             "dir": info["dir"],
         }
 
-    def _launch_error(self, error: BaseException, demand: dict[str, float]) -> str:
+    def _launch_error(self, error: BaseException, demand: dict[str, float], workers: int) -> str:
         ray = _ray()
         if isinstance(error, ray.exceptions.GetTimeoutError):
             wanted = ", ".join(_shown(k, v) for k, v in demand.items())
             return (
                 f"no node of the Ray cluster at {self.address} had room for a worker "
-                f"({wanted}) within {PLACE_TIMEOUT:.0f}s; free resources there or ask for "
-                "fewer workers"
+                f"({wanted}) within {PLACE_TIMEOUT:.0f}s; the pool asks for "
+                f"{_plural(workers, 'worker')} of this size, the cluster has free "
+                f"{_free(ray, demand)}; free resources there (other tenants hold them) or "
+                "ask for fewer workers"
             )
         cause = getattr(error, "cause", None)
         if isinstance(cause, PoolError):  # raised by the actor: says what to do, in one line

@@ -39,8 +39,10 @@ class FlakyConfig(ProviderConfig):
     launch_delay: float = Field(default=0.0, ge=0, le=60)
     alive_delay: float = Field(default=0.0, ge=0, le=60)
     terminate_delay: float = Field(default=0.0, ge=0, le=60)
-    #: When set, every launch fails with this message.
+    #: When set, launches fail with this message (those of workers from ``fail_from`` on).
     fail_launch: str | None = None
+    #: Only workers of this index and above fail to launch: the first ones start.
+    fail_from: int = Field(default=0, ge=0)
     #: Agents run with ``SKYBATCH_RELAY=1``, as an SSH or Ray provider's do: the server
     #: relays local-path inputs and outputs (``shares_files`` is then False).
     relay: bool = False
@@ -86,7 +88,7 @@ class FlakyProvider(LocalProvider):
 
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:
         time.sleep(self.flaky.launch_delay)
-        if self.flaky.fail_launch is not None:
+        if self.flaky.fail_launch is not None and worker.index >= self.flaky.fail_from:
             raise PoolError(self.flaky.fail_launch)
         return super().launch(worker)
 

@@ -147,6 +147,27 @@ class Connection:
         with contextlib.suppress(PoolError):
             self.ensure_master()
 
+    def resolved(self) -> tuple[str, str, str]:
+        """(user, hostname, port) that ssh makes of this host with the pool's config
+        (``ssh -G``, which connects nowhere): one machine however ``hosts:`` names it."""
+        try:
+            done = subprocess.run(
+                [*self.options(), "-G", *self.host.destination()],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=CONNECT_TIMEOUT,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PoolError(f"host {self.host.text}: ssh -G failed: {e}") from None
+        if done.returncode != 0:
+            raise PoolError(f"host {self.host.text}: ssh -G failed: {last_line(done.stderr)}")
+        found: dict[str, str] = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.strip().partition(" ")
+            found.setdefault(key.lower(), value.strip())
+        return found.get("user", ""), found.get("hostname", "").lower(), found.get("port", "")
+
     def run(
         self, script: str, stdin: bytes | None = None, timeout: float = 60, what: str = "command"
     ) -> str:

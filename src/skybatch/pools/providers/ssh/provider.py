@@ -58,20 +58,36 @@ _LAUNCHER = (Path(__file__).parent / "launcher.py").read_text()
 UNREACHABLE_GRACE = 90.0
 #: A liveness answer is reused this long: one `/proc` read per host per monitor tick.
 _ALIVE_TTL = 0.4
+#: How long the first liveness check of an agent waits for a read that covers it (the
+#: one check that waits): a host that takes longer answers it "alive" for now.
+_FIRST_READ_WAIT = 2.0
+#: A pid not asked about for this long drops out of its host's reads.
+_ASKED_TTL = 10.0
 #: Unix socket paths hold about 100 bytes; a control socket needs its name too.
 _SOCKET_ROOM = 90
 
 
 class _Seen:
-    """What one host's last `/proc` read found: pid → (state, start time)."""
+    """What one host's last `/proc` read found, refreshed in the background: liveness
+    checks come from the server's monitor, which one unanswering host must not hold up."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        #: pid → when a liveness check last asked about it
         self.asked: dict[int, float] = {}
+        #: pid → (state, start time), for the pids the last good read covered
         self.found: dict[int, tuple[str, str]] = {}
+        self.covered: set[int] = set()
+        #: When the last read ended (0: read again at the next check).
         self.at = 0.0
         self.ok = True
         self.unreachable_since: float | None = None
+        #: When the read in flight started; None when none is.
+        self.reading_since: float | None = None
+        #: Signalled when a read ends.
+        self.done = threading.Condition(self.lock)
+        #: (pid, start) of agents terminate stopped: dead whatever an older read says.
+        self.stopped: set[tuple[int, str]] = set()
 
 
 class SshProvider(Provider):
@@ -244,6 +260,7 @@ class SshProvider(Provider):
             )
         if self._home is None and self.access is not None:
             self._use_home(self.access.home)
+        self._check_distinct()
         with ThreadPoolExecutor(max_workers=min(16, n)) as pool:
             errors = [e for e in pool.map(self._check_host, self.hosts) if e]
         if errors:
@@ -263,7 +280,26 @@ class SshProvider(Provider):
                 raise PoolSpecError(
                     f"provider.hosts: {e}; the pool asks for {accelerators}"
                 ) from None
-            gpu.check_fits(present, (held or {}).get(host.text, {}), accelerators, count, where)
+            taken = (held or gpu.Held()).on(host.text, present)
+            gpu.check_fits(present, taken, accelerators, count, where)
+
+    def _check_distinct(self) -> None:
+        """Refuse two entries that ssh takes to one (user, hostname, port): each would get
+        its own share of workers_per_host on one machine."""
+        first: dict[tuple[str, str, str], Host] = {}
+        for host in self.hosts:
+            try:
+                where = self._conn(host).resolved()
+            except PoolError as e:
+                raise PoolSpecError(f"provider.hosts: {e}") from None
+            other = first.setdefault(where, host)
+            if other is not host:
+                user, hostname, port = where
+                raise PoolSpecError(
+                    f"provider.hosts: {other.text!r} and {host.text!r} are one host "
+                    f"({user}@{hostname}:{port}); list each host once and raise "
+                    "workers_per_host for more workers on it"
+                )
 
     def _check_host(self, host: Host) -> str | None:
         try:
@@ -350,9 +386,9 @@ class SshProvider(Provider):
         if proc.returncode != 0:
             raise PoolError(f"host {conn.host.text}: copying {source} failed: {last_line(err)}")
 
-    def _place(self, worker: WorkerLaunch, host: Host) -> list[int]:
-        """The GPUs this worker gets on ``host``, claimed in the server's ledger under the
-        host's name from what its nvidia-smi lists, as the local provider does."""
+    def _place(self, worker: WorkerLaunch, host: Host) -> list[gpu.Gpu]:
+        """The GPUs this worker gets on ``host``, claimed in the server's ledger by the
+        UUIDs its nvidia-smi lists, as the local provider does."""
         accelerators = worker.spec.resources.accelerators
         if accelerators is None:
             return []
@@ -377,7 +413,8 @@ class SshProvider(Provider):
         rel = f"pools/{worker.pool}/worker-{worker.index}"
         if source is not None:
             self._copy(conn, source, shipping.remote_path(f"{home}/{rel}"))
-        gpus = self._place(worker, host)
+        placed = self._place(worker, host)
+        gpus = [g.index for g in placed]
         scheme = urlsplit(worker.server_url).scheme or "http"
         env = {
             # A pool without accelerators sees no GPU unless its envs say otherwise; what
@@ -424,61 +461,105 @@ class SshProvider(Provider):
             "home": started["home"],
             "socket": socket_path,
             "gpus": gpus,
+            "gpu_uuids": [g.uuid for g in placed],
             # Where its output goes, for the server's messages: it has no log of its own.
             "log": f"{started['dir']}/.skybatch/agent.log",
         }
 
     # -- liveness and stopping -----------------------------------------------------------
 
-    def _processes(self, host: Host, pid: int) -> dict[int, tuple[str, str]] | None:
-        """pid → (state, start time) on ``host`` for the pids asked about lately, read at
-        most once per tick whatever the number of workers; None while unreachable."""
+    def _refresh(self, host: Host, conn: Connection, socket: str | None) -> None:
+        """Read ``/proc`` on ``host`` for the pids asked about lately (in a thread of its
+        own: one per host at a time, see :meth:`is_alive`)."""
         seen = self._seen[host.text]
-        with seen.lock:
-            now = time.monotonic()
-            if now - seen.at < _ALIVE_TTL and pid in seen.asked:
-                seen.asked[pid] = now
-                return seen.found if seen.ok else None
-            seen.asked[pid] = now
-            pids = [p for p, t in seen.asked.items() if now - t < 10]
-            seen.asked = {p: seen.asked[p] for p in pids}
+        try:
+            with self._lock:
+                current = self._conns.get(host.text) is conn
+            if current:  # not closed meanwhile: what a live host needs, kept up
+                if socket and self._server_port is not None and self._home is not None:
+                    self._tunnel(host, socket, wait=False)  # after a restart
+                conn.revive_master()
+            with seen.lock:
+                now = time.monotonic()
+                seen.asked = {p: t for p, t in seen.asked.items() if now - t < _ASKED_TTL}
+                pids = sorted(seen.asked)
+                seen.stopped = {s for s in seen.stopped if s[0] in seen.asked}
             script = (
                 f"cd /proc && for p in {' '.join(map(str, pids))}; do [ -r $p/stat ] && "
                 "echo $p $(sed 's/^.*) //' $p/stat | cut -d' ' -f1,20); done; true"
             )
-            try:
-                out = self._conn(host).run(script, timeout=CONNECT_TIMEOUT + 5, what="ps")
-            except PoolError as e:
+            out = conn.run(script, timeout=CONNECT_TIMEOUT + 5, what="ps")
+        except PoolError as e:
+            with seen.lock:
                 if seen.ok:
                     log.warning("%s", e)
                 seen.ok, seen.at = False, time.monotonic()
-                seen.unreachable_since = seen.unreachable_since or now
-                return None
-            found = {}
-            for line in out.splitlines():
-                parts = line.split()
-                if len(parts) == 3 and parts[0].isdigit():
-                    found[int(parts[0])] = (parts[1], parts[2])
-            seen.found, seen.ok, seen.at = found, True, time.monotonic()
-            seen.unreachable_since = None
-            return found
+                seen.unreachable_since = seen.unreachable_since or seen.reading_since
+                seen.reading_since = None
+                seen.done.notify_all()
+            return
+        except Exception:
+            with seen.lock:
+                seen.reading_since = None
+                seen.done.notify_all()
+            raise
+        found = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0].isdigit():
+                found[int(parts[0])] = (parts[1], parts[2])
+        with seen.lock:
+            seen.found, seen.covered, seen.ok = found, set(pids), True
+            seen.at, seen.unreachable_since, seen.reading_since = time.monotonic(), None, None
+            seen.done.notify_all()
+
+    def _start_read(self, host: Host, conn: Connection, socket: str | None) -> None:
+        """Start a read of ``host``'s ``/proc`` unless one is in flight (under its lock)."""
+        seen = self._seen[host.text]
+        if seen.reading_since is None:
+            seen.reading_since = time.monotonic()
+            threading.Thread(
+                target=self._refresh, args=(host, conn, socket), daemon=True,
+                name=f"skybatch-ssh-ps-{host.text}",
+            ).start()  # fmt: skip
 
     def is_alive(self, handle: dict[str, Any]) -> bool:
+        """From the host's last ``/proc`` read, never waiting on the network (but for an
+        agent's first check): a read older than a tick starts the next one in the
+        background. A host whose reads have failed for UNREACHABLE_GRACE counts its
+        agents lost."""
         host = self._by_text.get(handle.get("host", ""))
         pid = handle.get("pid")
         if host is None or not pid:
             return False
-        if handle.get("socket") and self._server_port is not None:
-            self._tunnel(host, str(handle["socket"]), wait=False)  # after a restart
-        self._conn(host).revive_master()
+        pid, start = int(pid), str(handle.get("start"))
         with self._lock:
             self._pools.add(Path(handle.get("dir", "")).parent.name)
-        found = self._processes(host, int(pid))
-        if found is None:
-            since = self._seen[host.text].unreachable_since or time.monotonic()
-            return time.monotonic() - since < UNREACHABLE_GRACE
-        state = found.get(int(pid))
-        return state is not None and state[1] == str(handle.get("start")) and state[0] != "Z"
+        conn = self._conn(host)
+        seen = self._seen[host.text]
+        with seen.lock:
+            now = time.monotonic()
+            first = pid not in seen.asked
+            seen.asked[pid] = now
+            stale = now - seen.at >= _ALIVE_TTL or pid not in seen.covered
+            socket = str(handle["socket"]) if handle.get("socket") else None
+            if stale:
+                self._start_read(host, conn, socket)
+            if first and seen.ok:
+                # Its launch or a restart: one short wait, so a fresh answer is a true one.
+                deadline = now + _FIRST_READ_WAIT
+                while pid not in seen.covered and seen.ok and time.monotonic() < deadline:
+                    self._start_read(host, conn, socket)  # a read in flight may not cover it
+                    seen.done.wait(max(0.0, deadline - time.monotonic()))
+            if (pid, start) in seen.stopped:
+                return False
+            failing = seen.unreachable_since if not seen.ok else seen.reading_since
+            if failing is not None and time.monotonic() - failing >= UNREACHABLE_GRACE:
+                return False
+            if not seen.ok or pid not in seen.covered:
+                return True  # unknown yet, or the host out of reach for less than the grace
+            state = seen.found.get(pid)
+        return state is not None and state[1] == start and state[0] != "Z"
 
     def terminate(self, handle: dict[str, Any], grace: float) -> None:
         host = self._by_text.get(handle.get("host", ""))
@@ -505,8 +586,14 @@ kill -KILL -$p 2>/dev/null; true
             # A host out of reach: its agent, cut off from the server, stops itself once
             # it hears back (its worker is no longer live) or after ORPHAN_TIMEOUT.
             log.warning("worker on host %s not stopped: %s", host.text, e)
+            stopped = False
+        else:
+            stopped = True
         seen = self._seen[host.text]
         with seen.lock:
+            if stopped:
+                # Dead now, whatever a read that started before the kill comes back with.
+                seen.stopped.add((int(pid), str(start)))
             seen.at = 0.0  # the next liveness check reads /proc again
 
     def remove(self, pool: str, home: Home) -> None:
