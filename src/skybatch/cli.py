@@ -186,8 +186,10 @@ def pool_down_cmd(name: str, yes: bool) -> None:
 
     if not yes:
         click.confirm(f"Tear down pool {name!r}?", default=False, abort=True)
-    pool_down(name)
+    left = pool_down(name)
     click.echo(f"Pool {name!r} is down.")
+    for line in left:
+        click.echo(f"Warning: {line}", err=True)
 
 
 # -- jobs --------------------------------------------------------------------------------

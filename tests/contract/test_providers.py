@@ -150,7 +150,8 @@ class ProviderContract:
         assert files is None or files.is_dir()
         for handle in handles:
             provider.terminate(handle, grace=5)
-        provider.remove("p", home)
+        # Everything was reached: nothing left to report.
+        assert provider.remove("p", home) == []
         assert files is None or not files.exists()
         provider.remove("p", home)  # twice is harmless
 

@@ -592,6 +592,38 @@ def test_tunnels_end_in_private_sockets_and_come_back_when_dropped(
     _assert_nothing_left(lab)
 
 
+def test_pool_down_says_what_it_could_not_stop_on_a_host_cut_off(
+    lab: Lab, deployment: Deployment, tmp_path: Path
+) -> None:
+    _apply(deployment, lab.pool_yaml(tmp_path))
+    cut = lab.hosts.hosts[1]
+    (left,) = _agents(lab, cut)
+    lab.hosts.cut(cut)
+    try:
+        proc = deployment.cli("pool", "down", "ssh", "-y", timeout=240)
+    finally:
+        lab.hosts.restore(cut)
+    try:
+        assert proc.stdout == "Pool 'ssh' is down.\n"
+        agent, files = proc.stderr.strip().splitlines()
+        assert agent.startswith(
+            f"Warning: host host-1: the agent of worker 1 (pid {left}) was not stopped ("
+        ), agent
+        assert agent.endswith(
+            "); it stops by itself within 10 minutes of losing the server, or stop it there"
+        ), agent
+        remote = f"{lab.remote}/{deployment.home.read_deployment_id()}/pools/ssh"
+        assert files.startswith(f"Warning: host host-1: {remote} was not removed ("), files
+        assert files.endswith("); remove it there"), files
+        # The host that was reached has nothing left.
+        assert _agents(lab, lab.hosts.hosts[0]) == []
+    finally:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(left).kill()
+    wait_for(lambda: _agents(lab, cut) == [], 20, "the left agent killed by the test")
+    _assert_nothing_left(lab)
+
+
 def test_a_host_down_at_launch_degrades_the_pool_until_it_is_back(
     lab: Lab, deployment: Deployment, tmp_path: Path
 ) -> None:

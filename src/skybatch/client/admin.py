@@ -35,9 +35,10 @@ def pool_apply(yaml_path: str | os.PathLike[str], pool_name: str, wait: bool = T
     return PoolView.model_validate(view)
 
 
-def pool_down(pool_name: str) -> None:
-    """Stop the pool's workers and forget it; its running jobs are cancelled."""
-    Client.connect().down_pool(pool_name)
+def pool_down(pool_name: str) -> list[str]:
+    """Stop the pool's workers and forget it; its running jobs are cancelled. Returns what
+    could not be stopped or removed (a host out of reach), one line each."""
+    return Client.connect().down_pool(pool_name)
 
 
 def pool_status(pool_name: str | None = None) -> list[PoolView]:

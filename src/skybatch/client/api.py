@@ -124,8 +124,9 @@ class Client:
         result: list[dict[str, Any]] = self.json("GET", "/v1/pools")
         return result
 
-    def down_pool(self, name: str) -> None:
-        self.request("DELETE", f"/v1/pools/{name}")
+    def down_pool(self, name: str) -> list[str]:
+        left = self.request("DELETE", f"/v1/pools/{name}").json().get("left", [])
+        return [str(line) for line in left]
 
     # -- jobs ----------------------------------------------------------------------------
 

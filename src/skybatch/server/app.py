@@ -195,8 +195,8 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.delete("/pools/{name}")
     async def down_pool(name: str) -> dict[str, Any]:
-        await pools.down(name)
-        return {"ok": True}
+        # What a host out of reach kept (its agents, its files), for the user to know.
+        return {"ok": True, "left": await pools.down(name)}
 
     # -- jobs ------------------------------------------------------------------------
 

@@ -186,7 +186,7 @@ class PoolService:
             await self._reconcile(name)
         return self.get(name)
 
-    async def down(self, name: str) -> None:
+    async def down(self, name: str) -> list[str]:
         pool = self.get(name)
         for job in self.ctx.store.list_jobs(active_only=True):
             if job.pool == name and job.status is not JobStatus.REDUCING:
@@ -198,9 +198,11 @@ class PoolService:
             self._retry_at.pop(name, None)
             self._replace.discard(name)
             spec = PoolSpec.model_validate(pool.spec)
-            await asyncio.to_thread(self.provider(spec.provider_config).remove, name, self.ctx.home)
+            provider = self.provider(spec.provider_config)
+            left = await asyncio.to_thread(provider.remove, name, self.ctx.home)
         self.ctx.notifier.notify(("pool-status", name))
         log.info("pool %s is down", name)
+        return left
 
     async def stop_all(self) -> None:
         """On server shutdown: stop every agent; the next start relaunches them."""

@@ -103,8 +103,10 @@ class Provider(abc.ABC):
         """Stop the agent and its runners: politely, then by force after ``grace`` seconds."""
 
     @abc.abstractmethod
-    def remove(self, pool: str, home: Home) -> None:
-        """Delete what the pool left behind (worker directories) after it went down."""
+    def remove(self, pool: str, home: Home) -> list[str]:
+        """Delete what the pool left behind (worker directories) after it went down;
+        what could not be stopped or deleted (a host out of reach), one line each, for
+        the user who took the pool down."""
 
 
 def provider_for(config: ProviderConfig) -> Provider:

@@ -173,5 +173,6 @@ class LocalProvider(Provider):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=5)
 
-    def remove(self, pool: str, home: Home) -> None:
+    def remove(self, pool: str, home: Home) -> list[str]:
         shutil.rmtree(home.pool_dir(pool), ignore_errors=True)
+        return []

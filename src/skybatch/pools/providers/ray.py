@@ -811,12 +811,15 @@ class RayProvider(Provider):
         with self._lock:
             self._actors.pop(name, None)
 
-    def remove(self, pool: str, home: Home) -> None:
+    def remove(self, pool: str, home: Home) -> list[str]:
         try:
             ray = self._ray()
         except PoolSpecError as e:
             log.warning("cannot remove pool %s from its Ray cluster: %s", pool, e)
-            return
+            return [
+                f"the pool's actors were not removed ({e}); remove them there "
+                f"(`ray list actors`, names starting {self._prefix(pool, home)!r})"
+            ]
         prefix = self._prefix(pool, home)
         for name in ray.util.list_named_actors():
             if isinstance(name, str) and name.startswith(prefix):
@@ -836,3 +839,4 @@ class RayProvider(Provider):
         ]
         with contextlib.suppress(Exception):
             ray.get(cleanups, timeout=30)
+        return []

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from skybatch import defaults
 from skybatch.config import Home
 from skybatch.errors import PoolError, PoolSpecError
 from skybatch.pools import gpus as gpu
@@ -113,6 +114,8 @@ class SshProvider(Provider):
         self._pythons: dict[str, str] = {}
         self._seen = {h.text: _Seen() for h in self.hosts}
         self._pools: set[str] = set()
+        # pool → agents a `pool down` could not stop (host out of reach), for its answer.
+        self._not_stopped: dict[str, list[str]] = {}
         self._home: Home | None = None
         self._control: Path | None = None
         self._server_port: int | None = None
@@ -586,6 +589,14 @@ kill -KILL -$p 2>/dev/null; true
             # A host out of reach: its agent, cut off from the server, stops itself once
             # it hears back (its worker is no longer live) or after ORPHAN_TIMEOUT.
             log.warning("worker on host %s not stopped: %s", host.text, e)
+            where = Path(str(handle.get("dir", "")))
+            with self._lock:
+                self._not_stopped.setdefault(where.parent.name, []).append(
+                    f"host {host.text}: the agent of worker {where.name.removeprefix('worker-')} "
+                    f"(pid {pid}) was not stopped ({e}); it stops by itself within "
+                    f"{defaults.ORPHAN_TIMEOUT / 60:.0f} minutes of losing the server, or stop "
+                    "it there"
+                )
             stopped = False
         else:
             stopped = True
@@ -596,7 +607,7 @@ kill -KILL -$p 2>/dev/null; true
                 seen.stopped.add((int(pid), str(start)))
             seen.at = 0.0  # the next liveness check reads /proc again
 
-    def remove(self, pool: str, home: Home) -> None:
+    def remove(self, pool: str, home: Home) -> list[str]:
         self._use_home(home)
         root = self._remote_home(self.ssh.remote_dir, home)
         script = (
@@ -605,16 +616,22 @@ kill -KILL -$p 2>/dev/null; true
             f"{shipping.remote_path(self.ssh.remote_dir)} 2>/dev/null; true"
         )
 
-        def one(host: Host) -> None:
+        def one(host: Host) -> str | None:
             try:
                 self._conn(host).run(script, timeout=120, what="removing the pool's files")
             except PoolError as e:
                 log.warning("pool %s: files on host %s not removed: %s", pool, host.text, e)
+                return (
+                    f"host {host.text}: {root}/pools/{pool} was not removed ({e}); remove it there"
+                )
+            return None
 
         with ThreadPoolExecutor(max_workers=min(16, len(self.hosts))) as ex:
-            list(ex.map(one, self.hosts))
+            files = [m for m in ex.map(one, self.hosts) if m]
         with self._lock:
             self._pools.discard(pool)
             idle = not self._pools
+            left = self._not_stopped.pop(pool, []) + files
         if idle:
             self.close()  # no pool left here: no tunnel or connection kept open
+        return left
