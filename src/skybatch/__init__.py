@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# Sky Batch's ``sky.batch.remote`` module: ``skybatch.remote.is_remote_function(fn)`` ports as is.
+from skybatch.client import remote
 from skybatch.client.admin import (
     cancel,
     jobs_queue,
@@ -27,7 +29,13 @@ from skybatch.client.admin import (
 )
 from skybatch.client.api import partial_reduce
 from skybatch.client.dataset import Dataset, Job
-from skybatch.client.remote import RemoteFunction, load, remote_function, save_results
+from skybatch.client.remote import (
+    RemoteFunction,
+    is_remote_function,
+    load,
+    remote_function,
+    save_results,
+)
 from skybatch.errors import (
     AuthError,
     ConfigError,
@@ -84,12 +92,14 @@ __all__ = [
     "SkyBatchError",
     "__version__",
     "cancel",
+    "is_remote_function",
     "jobs_queue",
     "load",
     "pool_apply",
     "pool_down",
     "pool_status",
     "prune_jobs",
+    "remote",
     "remote_function",
     "save_results",
 ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from skybatch.errors import SkyBatchError
+from skybatch.errors import ConfigError, SkyBatchError
 
 if TYPE_CHECKING:
     from skybatch.wire import ScalingView, WorkerView
@@ -43,6 +43,18 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     )
 
 
+def _ago(seconds: float) -> str:
+    """SkyPilot's way of saying when: ``a few secs ago``, ``5 mins ago``, ``1 hr ago``."""
+    seconds = max(0, int(seconds))
+    if seconds < 10:
+        return "a few secs ago"
+    for size, unit in ((86400, "day"), (3600, "hr"), (60, "min"), (1, "sec")):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'' if n == 1 else 's'} ago"
+    raise AssertionError("unreachable")
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -54,7 +66,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60}m"
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="skybatch")
 def main() -> None:
     """Run one Python function over a large dataset on a pool of workers."""
@@ -69,16 +81,35 @@ def pool() -> None:
 
 
 @pool.command("apply")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--pool", "name", required=True, help="Pool name.")
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.option("-p", "--pool", "name", default=None, help="Pool name (default: FILE's `name:`).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of workers, in place of the YAML's pool.workers; without FILE, "
+    "resizes the pool as it is.",
+)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @_errors
-def pool_apply_cmd(file: str, name: str, yes: bool) -> None:
-    """Create the pool described by FILE, or update (resize, restart) an existing one."""
-    from skybatch.client.admin import pool_apply
+def pool_apply_cmd(file: str | None, name: str | None, workers: int | None, yes: bool) -> None:
+    """Create the pool described by FILE, or update (resize, restart) an existing one.
+
+    One of FILE or --workers is needed: `skybatch pool apply -p NAME --workers 5`
+    resizes pool NAME without its YAML.
+    """
+    from skybatch.client.admin import apply_spec, pool_spec, pool_status
     from skybatch.pools.spec import load_pool_file
 
-    spec = load_pool_file(file)  # validate before asking anything
+    if name is None:
+        # A SkyPilot task's `name:` names the pool when -p does not.
+        name = load_pool_file(file).name if file is not None else None
+        if name is None:
+            raise ConfigError("name the pool: -p NAME (or `name:` in its YAML file)")
+    spec = pool_spec(file, name, workers)  # validate before asking anything
+    for line in spec.warnings:  # SkyPilot fields this pool ignores, one line each
+        click.echo(line, err=True)
+    existed = name in (p.name for p in pool_status())
     if not yes:
         click.confirm(
             f"Apply pool {name!r}: {spec.size_text()} worker(s) on {spec.provider}?",
@@ -86,18 +117,20 @@ def pool_apply_cmd(file: str, name: str, yes: bool) -> None:
             abort=True,
         )
     click.echo(f"Applying pool {name!r} ({spec.size_text()} workers); waiting for setup...")
-    view = pool_apply(file, name)
+    view = apply_spec(spec, name)
+    # SkyPilot's words, which scripts grep for.
+    click.echo(f"Successfully {'updated' if existed else 'created'} pool {name!r}.")
     click.echo(f"Pool {name!r} is {view.status}: {view.ready}/{view.workers} workers ready.")
 
 
 @pool.command("status")
-@click.argument("name", required=False)
+@click.argument("names", nargs=-1)
 @_errors
-def pool_status_cmd(name: str | None) -> None:
-    """Show pools and their workers."""
+def pool_status_cmd(names: tuple[str, ...]) -> None:
+    """Show pools (all, or the NAMES given) and, for named pools, their workers."""
     from skybatch.client.admin import pool_status
 
-    pools = pool_status(name)
+    pools = [p for n in dict.fromkeys(names) for p in pool_status(n)] if names else pool_status()
     if not pools:
         click.echo("No pools. Create one with `skybatch pool apply pool.yaml --pool NAME`.")
         return
@@ -107,12 +140,14 @@ def pool_status_cmd(name: str | None) -> None:
         jobs = ",".join(str(j) for j in p.active_jobs) or "-"
         rows.append([p.name, p.status, f"{p.ready}/{p.workers}", p.provider, res, jobs])
     click.echo(_table(["POOL", "STATUS", "READY", "PROVIDER", "RESOURCES", "JOBS"], rows))
+    one = len(pools) == 1 and bool(names)
     for p in pools:
         if p.scaling is not None:
-            click.echo(scaling_text(p.scaling, None if name else p.name))
-    if name is not None:
-        p = pools[0]
+            click.echo(scaling_text(p.scaling, None if one else p.name))
+    for p in pools if names else []:
         click.echo("")
+        if not one:
+            click.echo(f"Pool {p.name!r}:")
         click.echo(worker_table(p.worker_list))
         if p.error:
             click.echo(f"\nError: {p.error}")
@@ -177,19 +212,28 @@ def worker_table(workers: Sequence[WorkerView]) -> str:
 
 
 @pool.command("down")
-@click.argument("name")
+@click.argument("names", nargs=-1)
+@click.option("-a", "--all", "all_pools", is_flag=True, help="Tear down every pool.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @_errors
-def pool_down_cmd(name: str, yes: bool) -> None:
-    """Stop the pool's workers (cancelling its running jobs) and remove it."""
-    from skybatch.client.admin import pool_down
+def pool_down_cmd(names: tuple[str, ...], all_pools: bool, yes: bool) -> None:
+    """Stop the pools' workers (cancelling their running jobs) and remove them."""
+    from skybatch.client.admin import pool_down, pool_status
 
+    if bool(names) == all_pools:
+        raise click.UsageError("give pool names or --all, not both")
+    todo = [p.name for p in pool_status()] if all_pools else list(dict.fromkeys(names))
+    if not todo:
+        click.echo("No pools to tear down.")
+        return
     if not yes:
-        click.confirm(f"Tear down pool {name!r}?", default=False, abort=True)
-    left = pool_down(name)
-    click.echo(f"Pool {name!r} is down.")
-    for line in left:
-        click.echo(f"Warning: {line}", err=True)
+        listed = ", ".join(repr(n) for n in todo)
+        click.confirm(f"Tear down pool(s) {listed}?", default=False, abort=True)
+    for name in todo:
+        left = pool_down(name)
+        click.echo(f"Pool {name!r} is down.")
+        for line in left:
+            click.echo(f"Warning: {line}", err=True)
 
 
 # -- jobs --------------------------------------------------------------------------------
@@ -213,6 +257,7 @@ def jobs_queue_cmd() -> None:
     now = time.time()
     rows = []
     for j in views:
+        # "+" while the input is still being indexed: the total can only grow.
         total_b = f"{j.total_batches}" + ("" if j.indexed else "+")
         total_r = f"{j.total_rows}" + ("" if j.indexed else "+")
         end = j.finished_at or now
@@ -224,12 +269,13 @@ def jobs_queue_cmd() -> None:
                 j.status,
                 f"{j.committed_batches}/{total_b}",
                 f"{j.committed_rows}/{total_r}",
-                datetime.fromtimestamp(j.submitted_at).strftime("%Y-%m-%d %H:%M:%S"),
+                _ago(now - j.submitted_at),
                 _duration(end - j.submitted_at),
             ]
         )
+    # PROGRESS counts batches, as Sky Batch's queue does; ROWS the rows within them.
     click.echo(
-        _table(["ID", "NAME", "POOL", "STATUS", "BATCHES", "ROWS", "SUBMITTED", "DURATION"], rows)
+        _table(["ID", "NAME", "POOL", "STATUS", "PROGRESS", "ROWS", "SUBMITTED", "DURATION"], rows)
     )
     # Too long for a column: what holds a running job back, one line per job.
     for j in views:
@@ -238,14 +284,57 @@ def jobs_queue_cmd() -> None:
 
 
 @jobs.command("cancel")
-@click.argument("job_id")
+@click.argument("job_ids", nargs=-1)
+@click.option("-a", "--all", "all_jobs", is_flag=True, help="Cancel every running job.")
+@click.option("-p", "--pool", default=None, help="Cancel every running job of this pool.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @_errors
-def jobs_cancel_cmd(job_id: str) -> None:
-    """Stop a job's batches; the pool keeps running."""
-    from skybatch.client.admin import cancel
+def jobs_cancel_cmd(job_ids: tuple[str, ...], all_jobs: bool, pool: str | None, yes: bool) -> None:
+    """Stop jobs' batches (JOB_IDS, --all or --pool); their pools keep running.
 
-    cancel(job_id)
-    click.echo(f"Job {job_id} cancelled.")
+    A job that has already finished is reported and skipped (exit 0).
+    """
+    from skybatch.client.admin import cancel, jobs_queue
+    from skybatch.client.api import Client
+    from skybatch.errors import ConflictError
+    from skybatch.states import JobStatus
+    from skybatch.wire import JobView
+
+    if sum((bool(job_ids), all_jobs, pool is not None)) != 1:
+        raise click.UsageError("give job ids, --all or --pool NAME (one of them)")
+    todo = list(dict.fromkeys(job_ids))
+    if not todo:
+        todo = [
+            str(j.id)
+            for j in jobs_queue()
+            if not JobStatus(j.status).finished and (pool is None or j.pool == pool)
+        ]
+        if not todo:
+            click.echo("No running jobs to cancel" + (f" on pool {pool!r}." if pool else "."))
+            return
+        # Only a bulk cancel asks: `jobs cancel ID` worked without -y before.
+        if not yes:
+            click.confirm(f"Cancel job(s) {', '.join(todo)}?", default=False, abort=True)
+    failed = False
+    for job_id in todo:
+        try:
+            cancel(job_id)
+        except ConflictError:
+            status = JobView.model_validate(Client.connect().get_job(job_id)).status
+            if not JobStatus(status).finished:
+                raise
+            click.echo(f"Job {job_id} already {status}; nothing to cancel.")
+            continue
+        except SkyBatchError as e:
+            if len(todo) == 1:
+                raise
+            # One bad id does not keep the others running.
+            click.echo(f"Error: {e}", err=True)
+            failed = True
+            continue
+        click.echo(f"Job {job_id} cancelled.")
+    if failed:
+        sys.exit(1)
 
 
 @jobs.command("prune")
@@ -292,10 +381,16 @@ def jobs_resume_cmd(job_id: str, no_stream: bool) -> None:
 @jobs.command("logs")
 @click.argument("job_id")
 @click.option("--worker", type=int, default=None, help="Only this worker's output.")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@click.option(
+    "-f",
+    "--follow/--no-follow",
+    default=True,
+    help="Keep printing until the job ends (the default), or print what is there and stop.",
+)
 @_errors
 def jobs_logs_cmd(job_id: str, worker: int | None, follow: bool) -> None:
-    """Print the mapper's stdout and stderr (all workers unless --worker)."""
+    """Print the mapper's stdout and stderr (all workers unless --worker), following the
+    job until it ends unless --no-follow."""
     from skybatch.client.api import Client
     from skybatch.client.dataset import format_log_chunk
 

@@ -5,21 +5,30 @@ errors (fsspec, sqlite3, httpx, pydantic, yaml) are translated where they enter.
 Each message is one line that says what is wrong and how to fix it, except
 :class:`JobFailedError`, whose message carries the mapper's tracebacks.
 
+Every class also derives from the built-in type Sky Batch raises in the matching
+situation, so ported code's ``except ValueError`` / ``except RuntimeError`` still
+catches it: what the caller got wrong (arguments, a mapper, an input, a job to
+resume) is a ``ValueError``, what failed while running is a ``RuntimeError``.
+:class:`NotFoundError` is both: Sky Batch raises ``RuntimeError`` for a missing
+pool or job and ``ValueError`` for a missing job to resume from.
+
 ::
 
-    SkyBatchError
-    ├── ConfigError            bad arguments to the API or the CLI
-    │   └── PoolSpecError      pool YAML that does not validate
-    ├── MapperError            a @remote_function that cannot be shipped
-    ├── InputError             input missing, unreadable or malformed
-    ├── OutputError            output exists, is not writable, or failed to publish
-    ├── NotFoundError          no such pool, job or worker
-    ├── ConflictError          the request clashes with current state
-    ├── PoolError              a pool could not be brought up (setup failed)
-    ├── ServerError            the server could not be started or reached
+    SkyBatchError                           built-in base
+    ├── ConfigError            bad arguments to the API or the CLI          ValueError
+    │   └── PoolSpecError      pool YAML that does not validate             ValueError
+    ├── MapperError            a @remote_function that cannot be shipped    ValueError
+    ├── InputError             input missing, unreadable or malformed       ValueError
+    ├── OutputError            output exists, is not writable, or failed    RuntimeError
+    │                          to publish
+    ├── NotFoundError          no such pool, job or worker                  ValueError, RuntimeError
+    ├── ConflictError          the request clashes with current state       ValueError
+    │                          (e.g. resuming a job that still runs)
+    ├── PoolError              a pool could not be brought up               RuntimeError
+    ├── ServerError            the server could not be started or reached   RuntimeError
     │   ├── AuthError          the token was refused
     │   └── DiskFullError      the server's disk (SKYBATCH_HOME) is full
-    └── JobError               a job did not succeed
+    └── JobError               a job did not succeed                        RuntimeError
         ├── JobFailedError     ... because its batches failed
         └── JobCancelledError  ... because it was cancelled
 """
@@ -53,7 +62,7 @@ class SkyBatchError(Exception):
     http_status = 400
 
 
-class ConfigError(SkyBatchError):
+class ConfigError(SkyBatchError, ValueError):
     """An argument to the API or the CLI is invalid."""
 
 
@@ -61,35 +70,35 @@ class PoolSpecError(ConfigError):
     """A pool YAML file does not validate."""
 
 
-class MapperError(SkyBatchError):
+class MapperError(SkyBatchError, ValueError):
     """A mapper function cannot be shipped to workers."""
 
 
-class InputError(SkyBatchError):
+class InputError(SkyBatchError, ValueError):
     """The input is missing, unreadable or malformed."""
 
 
-class OutputError(SkyBatchError):
+class OutputError(SkyBatchError, RuntimeError):
     """The output cannot be written or published."""
 
 
-class NotFoundError(SkyBatchError):
+class NotFoundError(SkyBatchError, ValueError, RuntimeError):
     """No such pool, job or worker."""
 
     http_status = 404
 
 
-class ConflictError(SkyBatchError):
+class ConflictError(SkyBatchError, ValueError):
     """The request clashes with the current state (e.g. a stale lease)."""
 
     http_status = 409
 
 
-class PoolError(SkyBatchError):
+class PoolError(SkyBatchError, RuntimeError):
     """A pool could not be brought up."""
 
 
-class ServerError(SkyBatchError):
+class ServerError(SkyBatchError, RuntimeError):
     """The server could not be started, reached, or failed internally."""
 
     http_status = 500
@@ -107,7 +116,7 @@ class DiskFullError(ServerError):
     http_status = 507
 
 
-class JobError(SkyBatchError):
+class JobError(SkyBatchError, RuntimeError):
     """A job did not succeed."""
 
     def __init__(self, message: str, job_id: str | None = None) -> None:

@@ -172,6 +172,8 @@ class PoolView(BaseModel):
     active_jobs: list[int]
     #: Set for an autoscaled pool (``min_workers``/``max_workers``).
     scaling: ScalingView | None = None
+    #: The spec it was applied with (``pool apply --workers N`` without a YAML resizes it).
+    spec: dict[str, Any] = {}
 
 
 class PoolApply(BaseModel):

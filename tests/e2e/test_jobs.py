@@ -294,7 +294,7 @@ def test_job_logs_hold_the_mappers_output(shared: Deployment, tmp_path: Path) ->
     )
 
     def both_lines() -> str | None:
-        text = shared.cli("jobs", "logs", job.job_id).stdout
+        text = shared.cli("jobs", "logs", job.job_id, "--no-follow").stdout
         ok = "processing rows from 0" in text and "processing rows from 2" in text
         return text if ok else None
 

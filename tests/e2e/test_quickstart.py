@@ -38,7 +38,7 @@ def test_quickstart_through_the_cli(deployment: Deployment, tmp_path: Path) -> N
         "NAME",
         "POOL",
         "STATUS",
-        "BATCHES",
+        "PROGRESS",
         "ROWS",
         "SUBMITTED",
         "DURATION",

@@ -42,7 +42,10 @@ def test_closure_is_refused() -> None:
         for batch in skybatch.load():
             skybatch.save_results([{"x": factor} for _ in batch])
 
-    with pytest.raises(skybatch.MapperError, match="uses 'factor' from an enclosing function"):
+    with pytest.raises(
+        skybatch.MapperError,
+        match="references external variables 'factor' of an enclosing function",
+    ):
         skybatch.remote_function(closes_over)
 
 

@@ -80,3 +80,127 @@ def test_setup_hash_changes_with_text_and_envs() -> None:
     d = parse_pool_spec("pool: {workers: 1}\nsetup: x\nenvs: {K: v}\n")
     assert a.setup_hash() == b.setup_hash()
     assert len({a.setup_hash(), c.setup_hash(), d.setup_hash()}) == 3
+
+
+# -- SkyPilot task fields ---------------------------------------------------------------
+
+_MACHINES = (
+    "skybatch does not provision machines; launch them with `sky launch` and list them "
+    "as SSH hosts (provider: {type: ssh, hosts: [...]})"
+)
+
+
+def test_skypilot_task_fields_are_accepted(tmp_path: Path) -> None:
+    (tmp_path / "vocab.txt").write_text("a\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "pool.yaml").write_text(
+        "name: my-pool\n"
+        "num_nodes: 3\n"
+        "resources:\n"
+        "  cloud: aws\n"
+        "  use_spot: true\n"
+        "  cpus: 2+\n"
+        "  infra: aws/us-east-1\n"
+        "  instance_type: m5.large\n"
+        "  disk_size: 100\n"
+        "file_mounts:\n"
+        "  vocab.txt: vocab.txt\n"
+        "  ~/models: ./models\n"
+        "  /bucket: s3://my-bucket/data\n"
+        "run: python main.py\n"
+    )
+    spec = load_pool_file(tmp_path / "pool.yaml")
+    assert (spec.name, spec.workers, spec.autoscaled) == ("my-pool", 3, False)
+    assert spec.resources.cpus == "2+"
+    assert spec.file_mounts == {
+        "vocab.txt": str(tmp_path / "vocab.txt"),
+        "~/models": str(tmp_path / "models"),
+    }
+    where = f"{tmp_path / 'pool.yaml'} line"
+    assert spec.warnings == (
+        f"Warning: {where} 4: resources.cloud is ignored: {_MACHINES}",
+        f"Warning: {where} 5: resources.use_spot is ignored: {_MACHINES}",
+        f"Warning: {where} 7: resources.infra is ignored: {_MACHINES}",
+        f"Warning: {where} 8: resources.instance_type is ignored: {_MACHINES}",
+        f"Warning: {where} 9: resources.disk_size is ignored: {_MACHINES}",
+        f"Warning: {where} 13: file_mounts./bucket is ignored: skybatch copies local paths "
+        "only; read the bucket from the mapper (or make it the dataset's input)",
+        f"Warning: {where} 14: run is ignored: a pool's workers run the mappers that ds.map "
+        "submits; put per-worker commands in setup",
+    )
+    # The name picks no workers' restart; the mounts do.
+    other = spec.model_copy(update={"name": "other"})
+    assert other.runtime_key() == spec.runtime_key()
+    assert "name" in spec.model_dump() and spec.model_dump()["name"] == "my-pool"
+
+
+def test_a_plain_spec_has_no_warnings() -> None:
+    spec = parse_pool_spec("pool: {workers: 1}\n")
+    assert (spec.warnings, spec.name, spec.file_mounts) == ((), None, {})
+
+
+@pytest.mark.parametrize(
+    "text", ["num_nodes: 2\n", "pool: {workers: 2}\nnum_nodes: 2\n", "num_nodes: 2\npool: {}\n"]
+)
+def test_num_nodes_is_pool_workers(text: str) -> None:
+    assert parse_pool_spec(text).workers == 2
+
+
+def test_file_mounts_are_dropped_with_a_warning_where_the_provider_does_not_copy(
+    tmp_path: Path,
+) -> None:
+    spec = parse_pool_spec(
+        "pool: {workers: 1}\nprovider: {type: ray}\nfile_mounts:\n  data: .\n",
+        "pool.yaml",
+        str(tmp_path),
+    )
+    assert spec.file_mounts == {}
+    assert spec.warnings == (
+        "Warning: pool.yaml line 3: file_mounts is ignored: provider ray does not copy "
+        "file_mounts; put the files in workdir, which it copies to each worker",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "pool: {workers: 2}\nnum_nodes: 3\n",
+            "pool.yaml line 2: num_nodes: 3, but pool.workers is 2; they are the same "
+            "setting: give one of them",
+        ),
+        (
+            "pool: {max_workers: 4}\nnum_nodes: 3\n",
+            "pool.yaml line 2: num_nodes: a fixed size, not with pool.min_workers/max_workers; "
+            "drop num_nodes for an autoscaled pool",
+        ),
+        (
+            "num_nodes: 0\n",
+            "pool.yaml line 1: num_nodes: expected a number of workers from 1 to 4096, got 0",
+        ),
+        (
+            "num_nodes: 1\nfile_mounts:\n  /data: .\n",
+            "pool.yaml line 2: file_mounts: /data is absolute; a "
+            "local pool writes only inside each worker's directory: give a relative target "
+            "(or ~/...), which lands there, where the mapper runs",
+        ),
+        (
+            "num_nodes: 1\nfile_mounts:\n  ../up: .\n",
+            "pool.yaml line 2: file_mounts: ../up: a target may not contain '..'",
+        ),
+        (
+            "num_nodes: 1\nfile_mounts:\n  data: ./nowhere\n",
+            "pool.yaml line 3: file_mounts.data: /base/nowhere does not exist; name a local "
+            "file or directory to copy to each worker",
+        ),
+        (
+            "num_nodes: 1\nname: bad name\n",
+            "pool.yaml line 2: name: invalid 'bad name': use letters",
+        ),
+    ],
+)
+def test_skypilot_field_errors(text: str, message: str) -> None:
+    with pytest.raises(PoolSpecError) as e:
+        parse_pool_spec(text, "pool.yaml", "/base")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)

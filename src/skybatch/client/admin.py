@@ -7,24 +7,76 @@ import time
 from typing import Any
 
 from skybatch.client.api import Client
-from skybatch.errors import PoolError
-from skybatch.pools.spec import check_pool_name, load_pool_file
+from skybatch.errors import ConfigError, ConflictError, PoolError
+from skybatch.pools.spec import PoolSpec, check_pool_name, load_pool_file, validate_pool_spec
 from skybatch.wire import JobView, PoolView
 
-__all__ = ["cancel", "jobs_queue", "pool_apply", "pool_down", "pool_status", "prune_jobs"]
+__all__ = [
+    "cancel",
+    "jobs_queue",
+    "pool_apply",
+    "pool_down",
+    "pool_spec",
+    "pool_status",
+    "prune_jobs",
+]
 
 #: Longest a pool apply waits for its workers' setup.
 POOL_READY_TIMEOUT = 3600.0
 
 
-def pool_apply(yaml_path: str | os.PathLike[str], pool_name: str, wait: bool = True) -> PoolView:
+def pool_spec(
+    yaml_path: str | os.PathLike[str] | None, pool_name: str, workers: int | None = None
+) -> PoolSpec:
+    """The spec ``pool_apply`` sends: the YAML's, or without one the pool's current spec,
+    with ``pool.workers`` replaced by ``workers`` when given (a fixed size then)."""
+    check_pool_name(pool_name)  # the server checks it too; a URL cannot even carry some
+    if yaml_path is not None:
+        spec = load_pool_file(yaml_path)
+    elif workers is None:
+        raise ConfigError(f"give pool {pool_name!r} a YAML file, or --workers N to resize it")
+    else:
+        current = PoolView.model_validate(Client.connect().get_pool(pool_name)).spec
+        if not current:
+            raise ConflictError(
+                f"the server does not report pool {pool_name!r}'s spec (an older server); "
+                "give its YAML file with --workers"
+            )
+        spec = validate_pool_spec(current, f"pool {pool_name!r}'s current spec")
+    if workers is None:
+        return spec
+    raw = spec.model_dump()
+    # An autoscaled pool's bounds would clash with a fixed size: --workers replaces them.
+    raw["pool"] = {
+        **raw["pool"],
+        "workers": workers,
+        "min_workers": None,
+        "max_workers": None,
+        "idle_timeout": None,
+    }
+    resized = validate_pool_spec(raw, "--workers")
+    resized._warnings = spec.warnings  # what the YAML's SkyPilot fields left unused
+    return resized
+
+
+def pool_apply(
+    yaml_path: str | os.PathLike[str] | None,
+    pool_name: str,
+    wait: bool = True,
+    workers: int | None = None,
+) -> PoolView:
     """Create the pool from its YAML, or bring an existing one to it (resize, restart).
 
-    Blocks until every worker has run its setup, unless ``wait=False``; raises
-    :class:`PoolError` with the setup's last output if it fails.
+    ``workers`` overrides the YAML's ``pool.workers``; with it the YAML may be left
+    out (``None``) to resize the pool as it is. Blocks until every worker has run its
+    setup, unless ``wait=False``; raises :class:`PoolError` with the setup's last
+    output if it fails.
     """
-    check_pool_name(pool_name)  # the server checks it too; a URL cannot even carry some
-    spec = load_pool_file(yaml_path)
+    return apply_spec(pool_spec(yaml_path, pool_name, workers), pool_name, wait)
+
+
+def apply_spec(spec: PoolSpec, pool_name: str, wait: bool = True) -> PoolView:
+    """``pool_apply`` of a spec already loaded (``pool_spec``)."""
     client = Client.connect()
     view: dict[str, Any] = client.apply_pool(pool_name, spec.model_dump())
     deadline = time.monotonic() + POOL_READY_TIMEOUT

@@ -98,11 +98,13 @@ class Client:
         if response.status_code >= 400:
             try:
                 body = response.json()["error"]
-                raise error_from_payload(body["type"], body["message"])
+                error = error_from_payload(body["type"], body["message"])
             except (ValueError, KeyError, TypeError):
                 raise ServerError(
                     f"the server answered {response.status_code}: {response.text[:300]}"
                 ) from None
+            # Raised out here: most skybatch errors are ValueErrors, caught just above.
+            raise error
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -29,7 +29,11 @@ PROGRESS_INTERVAL = 0.1
 
 
 class Job:
-    """A submitted job. ``wait()`` blocks until it ends; ``status()`` and ``cancel()`` do not."""
+    """A submitted job. ``wait()`` blocks until it ends; ``status()`` and ``cancel()`` do not.
+
+    It also stands for its id, which is what Sky Batch's ``ds.map`` returns: ``int(job)``,
+    ``str(job)`` and f-strings give the id, and ``job == 5`` and ``job == "5"`` hold.
+    """
 
     def __init__(self, job_id: str | int, client: Client | None = None) -> None:
         self.job_id = str(job_id)
@@ -43,6 +47,31 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.job_id!r})"
+
+    def __str__(self) -> str:
+        return self.job_id
+
+    def __format__(self, spec: str) -> str:
+        return format(self.job_id, spec)
+
+    def __int__(self) -> int:
+        return int(self.job_id)
+
+    def __index__(self) -> int:
+        return int(self.job_id)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Job):
+            return self.job_id == other.job_id
+        if isinstance(other, bool):
+            return False
+        if isinstance(other, (int, str)):
+            return self.job_id == str(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        # Equal to its id's int and str, so it hashes as the int: ids are digits only.
+        return hash(int(self.job_id)) if self.job_id.isdigit() else hash(self.job_id)
 
     def info(self) -> JobView:
         return JobView.model_validate(self.client.get_job(self.job_id))
@@ -237,6 +266,7 @@ class Dataset:
         errors: OutputWriter | None = None,
         name: str | None = None,
         resume: str | int | None = None,
+        resume_from: str | int | None = None,
     ) -> Job:
         """Run ``mapper_fn`` over the dataset on pool ``pool_name``, ``batch_size`` rows at a time.
 
@@ -246,12 +276,18 @@ class Dataset:
 
         ``resume="42"`` runs only the batches that job 42 did not commit (with a fixed
         mapper, say) and then publishes its complete output; the input, batch size and
-        outputs must be the same.
+        outputs must be the same. ``resume_from=`` is Sky Batch's name for it.
 
         With ``stream=True`` (the default) block with a progress bar until the job
         ends and raise :class:`JobFailedError` if it fails; with ``stream=False``
-        return at once. Either way return the :class:`Job`.
+        return at once. Either way return the :class:`Job`, which also stands for its id.
         """
+        if resume_from is not None:
+            if resume is not None:
+                raise ConfigError(
+                    "ds.map got both resume= and resume_from=, which mean the same; give one"
+                )
+            resume = resume_from
         if not isinstance(mapper_fn, RemoteFunction):
             mapper_fn = remote_function(mapper_fn)
         if not isinstance(pool_name, str) or not pool_name:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import inspect
 import textwrap
 import types
@@ -19,7 +20,7 @@ from typing import Any, NoReturn
 from skybatch.codecheck import global_names
 from skybatch.errors import MapperError, SkyBatchError
 
-__all__ = ["RemoteFunction", "load", "remote_function", "save_results"]
+__all__ = ["RemoteFunction", "is_remote_function", "load", "remote_function", "save_results"]
 
 
 # The stubs ``skybatch.load`` and ``skybatch.save_results`` (the runner gives mappers the
@@ -55,6 +56,9 @@ def _skybatch_alias(value: Any) -> str | None:
 class RemoteFunction:
     """A mapper function made ready to run on workers. Create it with ``@remote_function``."""
 
+    #: Sky Batch's mark of a decorated function, which ported code may test directly.
+    _is_remote_function = True
+
     def __init__(self, fn: Callable[[], Any] | RemoteFunction) -> None:
         if isinstance(fn, RemoteFunction):
             fn = fn.fn
@@ -74,6 +78,8 @@ class RemoteFunction:
         self.aliases = self._check_globals(where)
         self.filename = fn.__code__.co_filename
         self.source = self._source(where)
+        # Name, docstring and ``__wrapped__`` of the function, as Sky Batch's decorator keeps them.
+        functools.update_wrapper(self, fn)
 
     def _check_signature(self, where: str) -> None:
         required = [
@@ -91,10 +97,13 @@ class RemoteFunction:
     def _check_closure(self, where: str) -> None:
         free = self.fn.__code__.co_freevars
         if free:
+            # Sky Batch's wording ("references external variables", "clean namespace"),
+            # which ported code and tests match on.
             raise MapperError(
-                f"{where} uses {', '.join(repr(n) for n in free)} from an enclosing function "
-                "(a closure), which cannot be shipped to workers; define the mapper at module "
-                "level and create those values inside it"
+                f"{where} references external variables {', '.join(repr(n) for n in free)} "
+                "of an enclosing function (a closure); workers run it in a clean namespace, "
+                "so they cannot be shipped. Move their definitions inside the function body "
+                "and define the mapper at module level"
             )
 
     def _check_globals(self, where: str) -> dict[str, str]:
@@ -166,3 +175,8 @@ def remote_function(fn: Callable[[], Any]) -> RemoteFunction:
     inside its body; module-level names other than skybatch are refused here.
     """
     return RemoteFunction(fn)
+
+
+def is_remote_function(fn: Any) -> bool:
+    """Whether ``fn`` was decorated with ``@remote_function`` (Sky Batch's helper of that name)."""
+    return getattr(fn, "_is_remote_function", False) is True

@@ -16,8 +16,21 @@
     workdir: ./src          # copied to each worker; the mapper can import from it
     provider: local         # where workers run (local is the default), or a mapping
                             # {type: NAME, ...} with the provider's own fields
+    name: my-pool           # the pool's name when `pool apply` is given no --pool
+    file_mounts:            # {target: local source} copied to each worker after workdir
+      data/vocab.txt: ./vocab.txt
 
 Errors name the file, the line, the field and what is allowed.
+
+A SkyPilot task's fields are accepted so that a Sky Batch pool YAML ports as it is
+(``_skypilot``): ``num_nodes`` is ``pool.workers``; ``run`` and the fields that pick or
+provision machines (``resources.cloud``, ``infra``, ``use_spot``, ...) are dropped with a
+one-line warning each, in :attr:`PoolSpec.warnings`, since skybatch runs on machines that
+exist. A ``file_mounts`` target is a path on the worker: relative to the worker's
+directory (where the mapper runs); on the local provider ``~/`` means that directory
+too, and an absolute target is refused (it would write outside the pool on this
+machine); on SSH hosts ``~/`` is the host user's home and an absolute path is used as
+given. A bucket source or SkyPilot's storage form is dropped with a warning.
 
 Autoscaling (``min_workers``/``max_workers``, exclusive with ``workers``): the server
 grows the pool while batches wait, to one worker per waiting or running batch (at
@@ -44,6 +57,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializeAsAny,
     ValidationError,
     ValidationInfo,
@@ -62,6 +76,7 @@ __all__ = [
     "check_pool_name",
     "job_name_error",
     "load_pool_file",
+    "mount_target",
     "parse_pool_spec",
     "validate_pool_spec",
 ]
@@ -235,7 +250,51 @@ class PoolSpec(_Strict):
         WrapValidator(lambda value, _: registry.parse_config(value)),
     ] = Field("local", alias="provider", validate_default=True)
 
+    name: str | None = None
+    file_mounts: dict[str, str] = {}
+    # What the YAML asked for that this spec ignores, one line each; never sent.
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
     model_config = ConfigDict(validate_by_name=True, serialize_by_alias=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_pool_name(v)
+            except ConfigError as e:
+                raise ValueError(str(e).replace("invalid pool name", "invalid", 1)) from None
+        return v
+
+    @field_validator("file_mounts", mode="before")
+    @classmethod
+    def _file_mounts(cls, v: Any, info: ValidationInfo) -> dict[str, str]:
+        if v is None:
+            return {}
+        provider = info.data.get("provider_config")
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping of target path on the worker to local path")
+        for target, source in v.items():
+            if not isinstance(target, str) or not target.strip():
+                raise ValueError(f"{target!r} is not a path")
+            if ".." in Path(target).parts:
+                raise ValueError(f"{target}: a target may not contain '..'")
+            if not isinstance(source, str) or not source:
+                raise ValueError(f"{target}: expected a local path, got {source!r}")
+            local = provider is not None and provider.type in _MOUNTS_IN_WORKER_DIR
+            if local and os.path.isabs(target):
+                raise ValueError(
+                    f"{target} is absolute; a local pool writes only inside each "
+                    "worker's directory: give a relative target (or ~/...), which lands "
+                    "there, where the mapper runs"
+                )
+        return v
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """One ``Warning: ...`` line per field of the YAML that this pool ignores."""
+        return self._warnings
 
     @field_validator("envs", mode="before")
     @classmethod
@@ -282,7 +341,19 @@ class PoolSpec(_Strict):
 
     def runtime_key(self) -> dict[str, Any]:
         """Everything but the worker count: if it changes, workers restart."""
-        return self.model_dump(exclude={"pool"})
+        return self.model_dump(exclude={"pool", "name"})
+
+
+#: Providers whose workers share the server's machine: file_mounts stay in the worker's
+#: directory there.
+_MOUNTS_IN_WORKER_DIR = ("local", "test")
+#: Providers that copy file_mounts to each worker.
+_MOUNTS_COPIED = (*_MOUNTS_IN_WORKER_DIR, "ssh")
+
+
+def mount_target(target: str) -> str:
+    """A local pool's ``file_mounts`` target, relative to the worker's directory."""
+    return "." if target == "~" else target.removeprefix("~/")
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -344,6 +415,134 @@ def _format(e: ValidationError, source: str, root: yaml.Node | None, data: Any) 
     return "; ".join(messages)
 
 
+_MACHINES = (
+    "skybatch does not provision machines; launch them with `sky launch` and list them "
+    "as SSH hosts (provider: {type: ssh, hosts: [...]})"
+)
+#: SkyPilot task fields that choose or provision machines: skybatch runs on what exists.
+_SKYPILOT_RESOURCES = (
+    "cloud", "infra", "region", "zone", "instance_type", "use_spot", "disk_size",
+    "disk_tier", "network_tier", "local_disk", "ephemeral_storage", "image_id", "ports",
+    "labels", "max_hourly_cost", "job_recovery", "autostop", "priority", "priority_class",
+    "accelerator_args", "volumes", "any_of", "ordered",
+)  # fmt: skip
+#: SkyPilot task fields skybatch has no counterpart for, and why.
+_SKYPILOT_TOP = {
+    "run": "a pool's workers run the mappers that ds.map submits; put per-worker commands in setup",
+    "event_callback": "skybatch has no event callbacks; follow a job with `skybatch jobs logs`",
+    "inputs": "skybatch has no counterpart; the dataset names the input",
+    "outputs": "skybatch has no counterpart; ds.map's output= names it",
+    "volumes": _MACHINES,
+    "volume_mounts": _MACHINES,
+    "config": "skybatch reads no SkyPilot config",
+}
+
+
+class _Skypilot:
+    """A SkyPilot task's fields in a pool YAML: mapped to skybatch's, or dropped with a
+    warning line each."""
+
+    def __init__(self, source: str, root: yaml.Node | None) -> None:
+        self.source, self.root = source, root
+        self._warnings: list[tuple[int, str]] = []
+
+    @property
+    def warnings(self) -> list[str]:
+        """In the YAML's order."""
+        return [text for _, text in sorted(self._warnings, key=lambda w: w[0])]
+
+    def where(self, *loc: str) -> str:
+        line = _line_of(self.root, loc)
+        return f"{self.source} line {line}" if line else self.source
+
+    def warn(self, loc: tuple[str, ...], why: str) -> None:
+        line = _line_of(self.root, loc) or 0
+        text = f"Warning: {self.where(*loc)}: {'.'.join(loc)} is ignored: {why}"
+        self._warnings.append((line, text))
+
+    def translate(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        for key, why in _SKYPILOT_TOP.items():
+            if key in data:
+                self.warn((key,), why)
+                del data[key]
+        resources = data.get("resources")
+        if isinstance(resources, dict):
+            resources = dict(resources)
+            for key in _SKYPILOT_RESOURCES:
+                if key in resources:
+                    self.warn(("resources", key), _MACHINES)
+                    del resources[key]
+            data["resources"] = resources
+        if "num_nodes" in data:
+            data = self._num_nodes(data, data.pop("num_nodes"))
+        mounts = data.get("file_mounts")
+        if isinstance(mounts, dict):
+            data["file_mounts"] = {
+                target: src for target, src in mounts.items() if self._local(str(target), src)
+            }
+        return data
+
+    def _local(self, target: str, src: Any) -> bool:
+        if isinstance(src, dict) or (isinstance(src, str) and "://" in src):
+            self.warn(
+                ("file_mounts", target),
+                "skybatch copies local paths only; read the bucket from the mapper "
+                "(or make it the dataset's input)",
+            )
+            return False
+        return True
+
+    def _num_nodes(self, data: dict[str, Any], n: Any) -> dict[str, Any]:
+        where = self.where("num_nodes")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
+            raise PoolSpecError(
+                f"{where}: num_nodes: expected a number of workers from 1 to 4096, got {n!r}"
+            )
+        pool = data.get("pool")
+        if pool is None:
+            data["pool"] = {"workers": n}
+        elif isinstance(pool, dict):
+            if "min_workers" in pool or "max_workers" in pool:
+                raise PoolSpecError(
+                    f"{where}: num_nodes: a fixed size, not with pool.min_workers/max_workers; "
+                    "drop num_nodes for an autoscaled pool"
+                )
+            workers = pool.get("workers")
+            if workers is not None and workers != n:
+                raise PoolSpecError(
+                    f"{where}: num_nodes: {n}, but pool.workers is {workers!r}; "
+                    "they are the same setting: give one of them"
+                )
+            data["pool"] = {**pool, "workers": n}
+        return data
+
+    def resolve_mounts(self, spec: PoolSpec, base_dir: str | None) -> PoolSpec:
+        """Local sources as absolute paths, checked; dropped with a warning where the
+        provider does not copy them."""
+        if not spec.file_mounts:
+            return spec
+        if spec.provider not in _MOUNTS_COPIED:
+            self.warn(
+                ("file_mounts",),
+                f"provider {spec.provider} does not copy file_mounts; put the files in "
+                "workdir, which it copies to each worker",
+            )
+            return spec.model_copy(update={"file_mounts": {}})
+        mounts = {}
+        for target, src in spec.file_mounts.items():
+            path = Path(os.path.expanduser(src))
+            if not path.is_absolute():
+                path = Path(base_dir or os.getcwd()) / path
+            if not path.exists():
+                raise PoolSpecError(
+                    f"{self.where('file_mounts', target)}: file_mounts.{target}: {path} does "
+                    "not exist; name a local file or directory to copy to each worker"
+                )
+            mounts[target] = str(path.resolve())
+        return spec.model_copy(update={"file_mounts": mounts})
+
+
 def validate_pool_spec(data: Any, source: str = "pool spec") -> PoolSpec:
     """A pool spec that came as data (the API's body): errors name the field, no line."""
     try:
@@ -353,7 +552,8 @@ def validate_pool_spec(data: Any, source: str = "pool spec") -> PoolSpec:
 
 
 def parse_pool_spec(text: str, source: str = "pool YAML", base_dir: str | None = None) -> PoolSpec:
-    """Validate YAML text; relative ``workdir`` resolves against ``base_dir``."""
+    """Validate YAML text; relative ``workdir`` and ``file_mounts`` sources resolve
+    against ``base_dir``. What it ignores is in the spec's ``warnings``."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -367,10 +567,13 @@ def parse_pool_spec(text: str, source: str = "pool YAML", base_dir: str | None =
             f"{source}: expected a mapping with at least `pool: {{workers: N}}`, got "
             f"{type(data).__name__}"
         )
+    skypilot = _Skypilot(source, root)
+    data = skypilot.translate(data)
     try:
         spec = PoolSpec.model_validate(data)
     except ValidationError as e:
         raise PoolSpecError(_format(e, source, root, data)) from None
+    spec = skypilot.resolve_mounts(spec, base_dir)
     if spec.workdir is not None:
         path = Path(os.path.expanduser(spec.workdir))
         if not path.is_absolute():
@@ -382,6 +585,7 @@ def parse_pool_spec(text: str, source: str = "pool YAML", base_dir: str | None =
                 "name a directory to copy to each worker"
             )
         spec = spec.model_copy(update={"workdir": str(path.resolve())})
+    spec._warnings = tuple(skypilot.warnings)
     return spec
 
 

@@ -115,6 +115,7 @@ class PoolService:
                 j.id for j in self.ctx.store.list_jobs(active_only=True) if j.pool == pool.name
             ],
             scaling=scaling,
+            spec=pool.spec,
         )
 
     def _scaling_view(self, name: str, spec: PoolSpec) -> ScalingView:

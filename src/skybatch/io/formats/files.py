@@ -11,11 +11,11 @@ from typing import Any
 import fsspec.core
 
 from skybatch.batches import Part
-from skybatch.errors import InputError
+from skybatch.errors import ConfigError, InputError
 from skybatch.io import storage
 from skybatch.io.base import InputReader, OutputWriter, content_stamp
 
-__all__ = ["FileReader", "FileWriter", "normalize_columns"]
+__all__ = ["FileReader", "FileWriter", "checked_path", "normalize_columns"]
 
 
 def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
@@ -27,6 +27,15 @@ def normalize_columns(column: str | Sequence[str] | None) -> list[str] | None:
     if not columns or not all(isinstance(c, str) and c for c in columns):
         raise ValueError("column must be a column name or a non-empty list of names")
     return columns
+
+
+def checked_path(owner: str, path: object) -> str:
+    """``path`` as given to a reader or writer; an empty one is a ValueError, as in Sky Batch."""
+    if path is None or path == "":
+        raise ConfigError(f"{owner} path cannot be empty; name a file, directory or URL")
+    if not isinstance(path, str):
+        raise TypeError(f"{owner}(path): expected a string, got {type(path).__name__}")
+    return path
 
 
 class FileReader(InputReader):
@@ -46,8 +55,7 @@ class FileReader(InputReader):
 
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
         name = type(self).__name__
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"{name}(path): path must be a non-empty string")
+        path = checked_path(name, path)
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(f"{name}(storage_options=...): expected a dict")
         self.path = storage.resolve(path)
@@ -159,9 +167,7 @@ class FileWriter(OutputWriter):
         storage_options: dict[str, Any] | None = None,
         shards: bool = False,
     ) -> None:
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"{type(self).__name__}(path): path must be a non-empty string")
-        self.path = storage.resolve(path)
+        self.path = storage.resolve(checked_path(type(self).__name__, path))
         self.columns = normalize_columns(column)
         self.storage_options = storage_options
         self.shards = bool(shards)

@@ -9,6 +9,7 @@ from skybatch.batches import Part
 from skybatch.errors import OutputError
 from skybatch.io import storage
 from skybatch.io.base import OutputWriter
+from skybatch.io.formats.files import checked_path
 from skybatch.runner import codec
 
 __all__ = ["ImageWriter"]
@@ -45,8 +46,7 @@ class ImageWriter(OutputWriter):
         format: str = "png",
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(path, str) or not path:
-            raise TypeError("ImageWriter(path): path must be a non-empty string")
+        path = checked_path("ImageWriter", path)
         if not isinstance(column, str) or not column:
             raise TypeError("ImageWriter(column=...): name the result column holding the images")
         if name is not None and (not isinstance(name, str) or not name):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import psutil
@@ -19,13 +20,24 @@ from skybatch.errors import PoolError, PoolSpecError
 from skybatch.pools import gpus
 from skybatch.pools.providers.base import Provider, WorkerLaunch
 from skybatch.pools.registry import ProviderConfig
-from skybatch.pools.spec import PoolSpec
+from skybatch.pools.spec import PoolSpec, mount_target
 
-__all__ = ["HOST", "LocalConfig", "LocalProvider"]
+__all__ = ["HOST", "LocalConfig", "LocalProvider", "copy_mount"]
 
 #: The host local workers run on, as handles and `pool status` name it (and the
 #: GPU ledger keys it).
 HOST = "localhost"
+
+
+def copy_mount(source: Path, target: Path) -> None:
+    """One ``file_mounts`` entry: a directory's contents into ``target``, a file as it."""
+    if not source.exists():
+        raise PoolError(f"file_mounts: {source} does not exist any more; apply the pool again")
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True, symlinks=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
 
 
 class LocalConfig(ProviderConfig):
@@ -72,6 +84,8 @@ class LocalProvider(Provider):
         workdir.mkdir(parents=True, exist_ok=True)
         if worker.spec.workdir:
             shutil.copytree(worker.spec.workdir, workdir, dirs_exist_ok=True, symlinks=True)
+        for target, source in worker.spec.file_mounts.items():
+            copy_mount(Path(source), workdir / mount_target(target))
         log = worker.home.worker_log(worker.pool, worker.index)
         log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)

@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import posixpath
 import shlex
 import tarfile
 import tempfile
@@ -369,12 +370,13 @@ class SshProvider(Provider):
                 self._pythons[host.text] = python.splitlines()[-1]
             return self._pythons[host.text]
 
-    def _copy(self, conn: Connection, source: Path, target: str) -> None:
+    def _copy(self, conn: Connection, source: Path, target: str, name: str = ".") -> None:
+        """``source`` into the directory ``target`` (quoted for sh), as ``name`` in it."""
         proc = conn.popen(f"mkdir -p {target} && tar -C {target} -xf -")
         assert proc.stdin is not None and proc.stderr is not None
         try:
             with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
-                tar.add(source, arcname=".")
+                tar.add(source, arcname=name)
             proc.stdin.close()
         except BrokenPipeError:
             pass  # the remote side failed: its stderr says why
@@ -388,6 +390,20 @@ class SshProvider(Provider):
         proc.stderr.close()
         if proc.returncode != 0:
             raise PoolError(f"host {conn.host.text}: copying {source} failed: {last_line(err)}")
+
+    def _mount(self, conn: Connection, source: Path, target: str, worker_dir: str) -> None:
+        """One ``file_mounts`` entry: a relative target is in the worker's directory, as
+        workdir is; ``~/`` and absolute ones are the host's paths."""
+        if not source.exists():
+            raise PoolError(f"file_mounts: {source} does not exist any more; apply the pool again")
+        if not (target.startswith("/") or target == "~" or target.startswith("~/")):
+            target = posixpath.join(worker_dir, target)
+        target = posixpath.normpath(target) if target != "~" else target
+        if source.is_dir():
+            self._copy(conn, source, shipping.remote_path(target))
+        else:
+            parent, name = posixpath.split(target)
+            self._copy(conn, source, shipping.remote_path(parent or "."), name)
 
     def _place(self, worker: WorkerLaunch, host: Host) -> list[gpu.Gpu]:
         """The GPUs this worker gets on ``host``, claimed in the server's ledger by the
@@ -416,6 +432,8 @@ class SshProvider(Provider):
         rel = f"pools/{worker.pool}/worker-{worker.index}"
         if source is not None:
             self._copy(conn, source, shipping.remote_path(f"{home}/{rel}"))
+        for target, mount in worker.spec.file_mounts.items():
+            self._mount(conn, Path(mount), target, f"{home}/{rel}")
         placed = self._place(worker, host)
         gpus = [g.index for g in placed]
         scheme = urlsplit(worker.server_url).scheme or "http"
