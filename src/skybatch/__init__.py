@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 # Sky Batch's ``sky.batch.remote`` module: ``skybatch.remote.is_remote_function(fn)`` ports as is.
+# Its ``io_formats`` and ``utils`` (custom formats) port the same way.
+from skybatch import io_formats, utils
 from skybatch.client import remote
 from skybatch.client.admin import (
     cancel,
@@ -29,6 +31,7 @@ from skybatch.client.admin import (
 )
 from skybatch.client.api import partial_reduce
 from skybatch.client.dataset import Dataset, Job
+from skybatch.client.fmap import MapJob, map
 from skybatch.client.remote import (
     RemoteFunction,
     is_remote_function,
@@ -79,6 +82,7 @@ __all__ = [
     "JobStatus",
     "JsonReader",
     "JsonWriter",
+    "MapJob",
     "MapperError",
     "NotFoundError",
     "OutputError",
@@ -92,9 +96,11 @@ __all__ = [
     "SkyBatchError",
     "__version__",
     "cancel",
+    "io_formats",
     "is_remote_function",
     "jobs_queue",
     "load",
+    "map",
     "pool_apply",
     "pool_down",
     "pool_status",
@@ -102,6 +108,7 @@ __all__ = [
     "remote",
     "remote_function",
     "save_results",
+    "utils",
 ]
 
 # io sits below the client, so a writer's reduce_results reaches the server through this.

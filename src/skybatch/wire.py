@@ -48,6 +48,10 @@ class MapperSpec(BaseModel):
     source: str
     filename: str
     aliases: dict[str, str] = {}
+    #: What the mapper uses from its script, rebuilt on workers (client/remote.py's Shipment).
+    globals: list[dict[str, Any]] = []
+    #: ``__future__`` compiler flags of the mapper's script.
+    flags: int = 0
 
 
 class JobSubmit(BaseModel):

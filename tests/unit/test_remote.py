@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import threading
+from typing import Any
 
 import pytest
 
 import skybatch
 from skybatch import load as sb_load
 from skybatch import save_results as sb_save
+from skybatch.runner import main as runner
 
 THRESHOLD = 3
 
 
-def test_global_reference_is_refused_with_name_and_fix() -> None:
-    def uses_global():
+def test_module_constants_and_modules_travel_by_value_and_import() -> None:
+    def uses_globals():
         for batch in skybatch.load():
-            skybatch.save_results([{"x": THRESHOLD} for _ in batch])
+            skybatch.save_results([{"x": THRESHOLD, "j": json.dumps(b)} for b in batch])
 
-    with pytest.raises(skybatch.MapperError) as e:
-        skybatch.remote_function(uses_global)
-    message = str(e.value)
-    assert "uses the module-level name 'THRESHOLD'" in message
-    assert "import or define 'THRESHOLD' inside the function body" in message
-    assert __file__ in message
-
-
-def test_imported_module_at_top_level_is_refused() -> None:
-    def uses_json():
-        for batch in skybatch.load():
-            skybatch.save_results([{"x": json.dumps(b)} for b in batch])
-
-    with pytest.raises(skybatch.MapperError, match="'json'"):
-        skybatch.remote_function(uses_json)
+    fn = skybatch.remote_function(uses_globals)
+    assert fn.globals == [
+        {"kind": "value", "name": "THRESHOLD", "repr": "3"},
+        {"kind": "import", "name": "json", "module": "json"},
+    ]
 
 
 def test_closure_is_refused() -> None:
@@ -54,7 +49,9 @@ def test_undefined_name_is_refused() -> None:
         for batch in skybatch.load():
             skybatch.save_results(procss(batch))  # type: ignore[name-defined]  # noqa: F821
 
-    with pytest.raises(skybatch.MapperError, match="'procss', which is neither a builtin"):
+    with pytest.raises(
+        skybatch.MapperError, match="'procss', which is neither a builtin nor defined"
+    ):
         skybatch.remote_function(typo)
 
 
@@ -107,3 +104,114 @@ def test_decorated_source_drops_the_decorator() -> None:
     source = decorated.to_spec()["source"]
     assert "remote_function" not in source
     assert source.lstrip().startswith("def decorated():")
+
+
+# --- What a mapper may use from its script, and what a worker rebuilds ---
+
+LIMITS = {"low": (1, 2.5), "names": ["a", b"b", None, True]}
+NAN = float("nan")
+LOCK = threading.Lock()
+
+
+def scale(x):
+    return Scaler(THRESHOLD).apply(x) + _square(x)
+
+
+def _square(x):
+    return x * x if x < LIMITS["low"][1] else _square(x - 1)
+
+
+@dataclasses.dataclass
+class Scaler:
+    factor: int
+
+    def apply(self, x: int) -> float:
+        return math.floor(self.factor * x)
+
+
+again = scale
+
+
+def uses_helpers():
+    for batch in skybatch.load():
+        skybatch.save_results([{"y": again(r["x"]) + scale(r["x"])} for r in batch])
+
+
+def _rebuild(spec: dict[str, Any]) -> dict[str, Any]:
+    """The worker's side, without a worker: the runner's own rebuild of the names."""
+    namespace = runner.mapper_namespace()
+    runner._rebuild_globals(spec["globals"], namespace)
+    exec(compile(spec["source"], spec["filename"], "exec", flags=spec["flags"]), namespace)
+    return namespace
+
+
+def test_helpers_classes_constants_and_modules_are_rebuilt_on_workers() -> None:
+    spec = skybatch.remote_function(uses_helpers).to_spec()
+    kinds = [(e["kind"], e["name"]) for e in spec["globals"]]
+    # What a definition uses comes before it; `again` is `scale` under another name.
+    assert kinds.index(("source", "Scaler")) < kinds.index(("source", "again"))
+    assert ("import", "math") in kinds and ("import", "dataclasses") in kinds
+    assert ("value", "LIMITS") in kinds and ("alias", "scale") not in kinds
+    ns = _rebuild(spec)
+    assert ns["again"](4) == scale(4) and ns["scale"] is ns["again"]
+    assert ns["LIMITS"] == LIMITS
+    assert ns["Scaler"](2).apply(3) == 6
+    # Helpers keep the user's file and lines for tracebacks.
+    assert ns["_square"].__code__.co_filename == __file__
+    assert ns["_square"].__code__.co_firstlineno == _square.__code__.co_firstlineno
+
+
+def test_what_cannot_travel_is_refused_in_one_line_naming_it() -> None:
+    def uses_lock():
+        for _ in skybatch.load():
+            with LOCK:
+                pass
+
+    def uses_nan():
+        for batch in skybatch.load():
+            skybatch.save_results([{"x": NAN} for _ in batch])
+
+    with pytest.raises(skybatch.MapperError) as e:
+        skybatch.remote_function(uses_lock)
+    assert "uses the module-level name 'LOCK' (a _thread.lock object), which cannot be " in str(
+        e.value
+    )
+    assert "create 'LOCK' inside the function body" in str(e.value)
+    with pytest.raises(skybatch.MapperError, match="constant 'NAN' = nan, which cannot be"):
+        skybatch.remote_function(uses_nan)
+
+
+def _make_closure() -> Any:
+    k = 2
+
+    def times_k(x):
+        return x * k
+
+    return times_k
+
+
+closure = _make_closure()
+square_lambda = lambda x: x * x  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    ("helper", "words"),
+    [
+        ("closure", "'_make_closure.<locals>.times_k' defined inside another function"),
+        ("square_lambda", "a lambda, which workers cannot rebuild from source"),
+    ],
+)
+def test_helpers_workers_cannot_rebuild_are_refused(helper: str, words: str) -> None:
+    code = (
+        f"def m():\n    for b in skybatch.load():\n        skybatch.save_results([{helper}(1)])\n"
+    )
+    ns: dict[str, Any] = dict(globals())
+    exec(compile("\n" * 400 + code, __file__, "exec"), ns)
+    with pytest.raises(skybatch.MapperError, match=words):
+        skybatch.remote_function(ns["m"])
+
+
+def test_a_missing_module_on_the_worker_names_it_and_the_fix() -> None:
+    entry = {"kind": "import", "name": "np", "module": "no_such_module_xyz"}
+    with pytest.raises(ImportError, match=r"'np' \(no_such_module_xyz\).*install it in the pool"):
+        runner._rebuild_globals([entry], {})

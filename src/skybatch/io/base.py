@@ -13,10 +13,12 @@ agents as specs: ``{"kind": ..., **fields}`` (``registry.py`` turns them back).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
 from skybatch.batches import BatchPlan, Part
@@ -55,7 +57,27 @@ def set_partial_reduce(reduce: PartialReduce) -> None:
     _partial_reduce = reduce
 
 
-class InputReader:
+@dataclass(eq=False, repr=False)
+class _ReaderFields:
+    """Sky Batch's reader base is a dataclass with a ``path`` field: ``@dataclass``
+    subclasses inherit it. Keyword-only with a default, so that a subclass's own fields
+    need no defaults and ``RangeReader(count=20)`` works beside ``RangeReader(path="",
+    count=20)``. An empty path travels as None (no path): the server refuses a relative
+    local path, and "" is Sky Batch's way of saying there is none."""
+
+    path: str | None = field(default=None, kw_only=True)
+
+
+@dataclass(eq=False, repr=False)
+class _WriterFields:
+    """Sky Batch's writer base is a dataclass whose first field is ``path``:
+    ``TextWriter("out/", column="text")``. Only this field: the annotations of
+    :class:`OutputWriter` itself are no dataclass fields, as it is not decorated."""
+
+    path: str
+
+
+class InputReader(_ReaderFields):
     """Base class of input formats.
 
     A reader of your own needs only two methods, as in Sky Batch::
@@ -126,7 +148,10 @@ class InputReader:
     def to_spec(self) -> dict[str, Any]:
         from skybatch.io.custom import custom_spec
 
-        return custom_spec(self, "reader")
+        spec = custom_spec(self, "reader")
+        if spec["state"].get("path") == "":
+            del spec["state"]["path"]
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> InputReader:
@@ -207,12 +232,24 @@ class InputReader:
         return None
 
 
-class OutputWriter:
+class OutputWriter(_WriterFields):
     """Base class of output formats. Subclasses set ``kind`` and implement the methods.
 
     A writer produces one *part* per committed batch (``write_part``, on the
     agent) and turns the parts into the final output at the end (``stage``,
     on the server, then ``publish`` once every output of the job has staged).
+
+    A writer of your own implements either ``write_batch`` (and may override
+    ``reduce``), or Sky Batch's protocol: ``upload_batch(results, start_idx,
+    end_idx, job_id)``, ``reduce_results(job_id)`` and ``cleanup(job_id)``.
+    Such a writer's batches are stored as parts like any other's; when the job
+    has succeeded, the server hands each *committed* batch to ``upload_batch``
+    once, in row order, then calls ``reduce_results`` once. So a retried batch,
+    or an attempt whose commit was refused, never reaches ``upload_batch``, and
+    a per-item file is written exactly once per row. Its ``job_id`` is
+    ``<deployment>-<job>`` (unique across deployments sharing a bucket), and
+    calling ``reduce_results``/``cleanup`` yourself with the job's id does what
+    it does for a built-in writer (the server replays the committed batches).
     """
 
     kind: ClassVar[str] = ""
@@ -222,7 +259,6 @@ class OutputWriter:
     #: File extension of stored parts.
     part_ext: ClassVar[str] = "part"
 
-    path: str
     columns: list[str] | None = None
     storage_options: dict[str, Any] | None = None
     #: The id of the deployment that runs the job (the stored spec's ``_staging``,
@@ -246,6 +282,48 @@ class OutputWriter:
     def _by_batch(self) -> bool:
         return type(self).write_batch is not OutputWriter.write_batch
 
+    # -- Sky Batch's writer protocol -------------------------------------------------
+
+    def upload_batch(
+        self, results: list[dict[str, Any]], start_idx: int, end_idx: int, job_id: str
+    ) -> str | None:
+        """Store the results of rows ``start_idx`` to ``end_idx`` *inclusive* (Sky Batch's
+        protocol; see the class docstring for when skybatch calls it)."""
+        raise NotImplementedError
+
+    def _by_upload(self) -> bool:
+        return type(self).upload_batch is not OutputWriter.upload_batch
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.upload_batch is OutputWriter.upload_batch:
+            return
+        # The names collide: the server calls cleanup(job id) to remove the staging area,
+        # and reduce_results(job id) is skybatch's partial reduce. Keep the user's methods
+        # for the server's replay, and give both names skybatch's meaning plus theirs.
+        own_reduce = cls.__dict__.get("reduce_results")
+        if own_reduce is not None and not hasattr(own_reduce, "_skybatch_user"):
+            cls._sky_reduce = own_reduce  # type: ignore[attr-defined]
+
+            @functools.wraps(own_reduce)
+            def reduce_results(self: OutputWriter, job_id: int | str) -> dict[str, Any]:
+                return OutputWriter.reduce_results(self, job_id)
+
+            reduce_results._skybatch_user = own_reduce  # type: ignore[attr-defined]
+            cls.reduce_results = reduce_results  # type: ignore[method-assign]
+        own_cleanup = cls.__dict__.get("cleanup")
+        if own_cleanup is not None and not hasattr(own_cleanup, "_skybatch_user"):
+
+            @functools.wraps(own_cleanup)
+            def cleanup(self: OutputWriter, job_id: int | str) -> None:
+                try:
+                    own_cleanup(self, self.staging_name(job_id))
+                finally:
+                    OutputWriter.cleanup(self, job_id)
+
+            cleanup._skybatch_user = own_cleanup  # type: ignore[attr-defined]
+            cls.cleanup = cleanup  # type: ignore[method-assign]
+
     # -- what the server and agents call ---------------------------------------------
 
     def to_spec(self) -> dict[str, Any]:
@@ -255,10 +333,11 @@ class OutputWriter:
             raise ConfigError(
                 f"{type(self).__name__} needs a `path` attribute: where the output goes"
             )
-        if not self._by_batch():
+        if not self._by_batch() and not self._by_upload():
             raise ConfigError(
                 f"{type(self).__name__} must implement write_batch(rows) -> bytes (and may "
-                "override reduce(parts, out))"
+                "override reduce(parts, out)), or Sky Batch's upload_batch(results, "
+                "start_idx, end_idx, job_id)"
             )
         # Like every writer spec, it names its path (for clashes, resume, reduce_results).
         return {**custom_spec(self, "writer"), "path": self.path}
@@ -272,6 +351,9 @@ class OutputWriter:
 
     def runner_spec(self) -> dict[str, Any]:
         """What the runner needs to format this writer's part of a batch."""
+        if self._by_upload():
+            # upload_batch gets whole results, as in Sky Batch: its `column` is its own.
+            return {"format": self.part_format, "columns": None}
         columns = self.columns
         if columns is None and isinstance(getattr(self, "column", None), (str, list)):
             columns = [self.column] if isinstance(self.column, str) else self.column  # type: ignore[attr-defined]
@@ -294,14 +376,19 @@ class OutputWriter:
                 )
         return f"{deployment}-{job_id}" if deployment else str(job_id)
 
+    def _located(self) -> str:
+        # A Sky Batch writer's directory ("out/texts/") stages beside it, not inside it.
+        return (self.path.rstrip("/") or self.path) if self._by_upload() else self.path
+
     def staging_root(self, job_id: int | str) -> str:
         """``<output dir>/.skybatch/<deployment>-<job>``: the job's staging area beside
         this output."""
-        return storage.join(storage.dirname(self.path), ".skybatch", self.staging_name(job_id))
+        where = storage.dirname(self._located())
+        return storage.join(where, ".skybatch", self.staging_name(job_id))
 
     def staging_dir(self, job_id: int | str) -> str:
         """``<output dir>/.skybatch/<job>/<output name>``: parts live beside the output."""
-        return storage.join(self.staging_root(job_id), storage.basename(self.path))
+        return storage.join(self.staging_root(job_id), storage.basename(self._located()))
 
     def part_path(self, job_id: int | str, batch: int, attempt: int) -> str:
         # Attempt ids in the name fence zombies: a late writer never overwrites a
@@ -310,11 +397,25 @@ class OutputWriter:
 
     def prepare(self, job_id: int, overwrite: bool) -> None:
         """At submit, on the server: fail now if the output cannot be produced."""
-        self.prepare_file(job_id, overwrite, "out")
+        if self._by_upload() and self._is_directory():
+            self.prepare_directory(job_id, overwrite)
+        else:
+            self.prepare_file(job_id, overwrite, "out")
 
     def output_exists(self) -> bool:
         """Whether a final output is already there (publishing over it needs overwrite)."""
+        if self._by_upload() and self._is_directory():
+            return self.directory_has_files()
         return storage.exists(self.path, self.storage_options)
+
+    def _is_directory(self) -> bool:
+        """A Sky Batch writer's output is a directory of files when its path ends in
+        ``/`` (per-item files) or names a directory; else one file."""
+        if self.path.endswith("/"):
+            return True
+        fs, path = storage.filesystem(self.path, self.storage_options)
+        with storage.translate_errors(self.path, "check output", OutputError):
+            return bool(fs.isdir(path))
 
     #: Whether a part is one file at :meth:`part_path` (what :meth:`encode_part` returns);
     #: a writer whose part is a directory of files (images) sets False, and the relay
@@ -348,6 +449,8 @@ class OutputWriter:
 
     def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         """Merge the parts, in order, into a staged final output (not yet visible)."""
+        if self._by_upload():
+            return _Replay(self, job_id, parts)
         urls = [self.part_path(job_id, p.batch, p.attempt) for p in parts]
 
         def streams() -> Iterator[IO[bytes]]:
@@ -379,7 +482,7 @@ class OutputWriter:
 
     def cleanup(self, job_id: int | str) -> None:
         """Remove the job's staging area (its parts). The final output stays."""
-        area = storage.join(storage.dirname(self.path), ".skybatch")
+        area = storage.join(storage.dirname(self._located()), ".skybatch")
         storage.remove_tree(self.staging_root(job_id), self.storage_options)
         if storage.is_local(area):
             with contextlib.suppress(OSError):
@@ -487,3 +590,44 @@ class OutputWriter:
             for n, part in enumerate(parts)
         ]
         return storage.StagedMoves(self.path, moves, self.storage_options)
+
+
+class _Replay:
+    """The "publish" of a Sky Batch writer: its committed batches, in row order, through
+    ``upload_batch``, then its own ``reduce_results``. It runs after every output of the
+    job has staged; what the writer uploads is visible as it goes (as in Sky Batch)."""
+
+    def __init__(self, writer: OutputWriter, job_id: int | str, parts: Sequence[Part]) -> None:
+        self.writer = writer
+        self.job_id = job_id
+        self.parts = list(parts)
+
+    def publish(self) -> None:
+        w = self.writer
+        name = type(w).__name__
+        token = w.staging_name(self.job_id)
+        for part in self.parts:
+            url = w.part_path(self.job_id, part.batch, part.attempt)
+            with (
+                storage.translate_errors(url, "read part", OutputError),
+                storage.open_stream(url, w.storage_options) as f,
+            ):
+                rows = pickle.load(f)  # plain values from this job's runner
+            first, last = part.row_start, part.row_start + part.row_count - 1
+            label = f"{name}.upload_batch(rows {first}-{last})"
+            _call(label, w.upload_batch, rows, first, last, token)
+        reduce = getattr(type(w), "_sky_reduce", None)
+        if reduce is not None:
+            _call(f"{name}.reduce_results", reduce, w, token)
+
+    def discard(self) -> None:
+        """Nothing is written before :meth:`publish`."""
+
+
+def _call(label: str, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except SkyBatchError:
+        raise
+    except Exception as e:
+        raise OutputError(f"{label} failed: {type(e).__name__}: {e}") from e

@@ -51,6 +51,8 @@ def _check_globals(cls: type, imports: str, what: str) -> None:
     source_file = inspect.getsourcefile(cls)
     for attr, value in vars(cls).items():
         fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        # The user's own method under skybatch's wrapper (Sky Batch's writer protocol).
+        fn = getattr(fn, "_skybatch_user", fn)
         if isinstance(fn, property):
             fn = fn.fget
         code = getattr(fn, "__code__", None)

@@ -207,21 +207,79 @@ def _watch_parent() -> None:
             os._exit(70)
 
 
+def _cache_source(filename: str, source: str) -> None:
+    """Tracebacks show the user's lines even where the user's file does not exist.
+
+    A mapper and its helpers from one script are shipped separately, each padded to
+    its own lines: overlaid, they give the file's lines back."""
+    lines = source.splitlines(keepends=True)
+    entry: tuple[Any, ...] | None = linecache.cache.get(filename)
+    if entry is not None and len(entry) == 4 and entry[1] is None:
+        old = list(entry[2])
+        old += ["\n"] * (len(lines) - len(old))
+        new = lines + old[len(lines) :]
+        lines = [mine if mine.strip() else prior for mine, prior in zip(new, old, strict=True)]
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+class ShippedNameError(ImportError):
+    """A name the mapper uses could not be rebuilt on this worker."""
+
+
+def _rebuild_globals(entries: list[dict[str, Any]], namespace: dict[str, Any]) -> None:
+    """The names the mapper uses from its script (client/remote.py's Shipment), in order."""
+    import ast
+    import importlib
+
+    for e in entries:
+        kind, name = e["kind"], e["name"]
+        if kind in ("import", "from"):
+            try:
+                obj: Any = importlib.import_module(e["module"])
+                for part in e.get("attr", "").split(".") if kind == "from" else ():
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as exc:
+                what = e["module"] + ("." + e["attr"] if kind == "from" else "")
+                raise ShippedNameError(
+                    f"the mapper uses {name!r} ({what}), which this worker's Python cannot "
+                    f"import ({exc}); install it in the pool's setup or activate_env"
+                ) from None
+            namespace[name] = obj
+        elif kind == "value":
+            namespace[name] = ast.literal_eval(e["repr"])
+        elif kind == "source":
+            _cache_source(e["filename"], e["source"])
+            code = compile(e["source"], e["filename"], "exec", flags=e["flags"], dont_inherit=True)
+            exec(code, namespace)
+            namespace[name] = namespace[e["defines"]]
+        elif kind == "alias":
+            namespace[name] = namespace[e["defines"]]
+
+
+def mapper_namespace() -> dict[str, Any]:
+    """The globals of the mapper and its helpers: a module's, in ``sys.modules``, since
+    code such as ``dataclasses`` looks up the module of the classes it is given."""
+    module = types.ModuleType("__skybatch_mapper__")
+    module.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    return module.__dict__
+
+
 def _compile_mapper(init: dict[str, Any], session: Session) -> tuple[Any, str]:
     filename = init["filename"]
     source = init["source"]
-    lines = source.splitlines(keepends=True)
-    # Tracebacks show the user's lines even where the user's file does not exist.
-    linecache.cache[filename] = (len(source), None, lines, filename)
     shim = types.ModuleType("skybatch")
     shim.load = session.load  # type: ignore[attr-defined]
     shim.save_results = session.save_results  # type: ignore[attr-defined]
     shim.worker_index = int(os.environ.get("SKYBATCH_WORKER_INDEX", "0"))  # type: ignore[attr-defined]
     sys.modules["skybatch"] = shim
-    namespace: dict[str, Any] = {"__name__": "__skybatch_mapper__", "__builtins__": builtins}
+    namespace = mapper_namespace()
     for name, target in init.get("aliases", {}).items():
         namespace[name] = shim if target == "module" else getattr(shim, target)
-    exec(compile(source, filename, "exec"), namespace)
+    _rebuild_globals(init.get("globals", []), namespace)
+    _cache_source(filename, source)
+    code = compile(source, filename, "exec", flags=init.get("flags", 0), dont_inherit=True)
+    exec(code, namespace)
     return namespace[init["name"]], filename
 
 

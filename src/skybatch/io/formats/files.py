@@ -47,6 +47,8 @@ class FileReader(InputReader):
     (``_files``) so that every agent reads the same files.
     """
 
+    #: Always set here (a reader of the user's own may have none).
+    path: str
     #: A file name for messages ("name a .jsonl file such as data.jsonl").
     example: str = "data"
     #: Set by the server while it indexes: planning checks it once per block read, so a
