@@ -6,8 +6,9 @@ from __future__ import annotations
 import dis
 import types
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["global_names"]
+__all__ = ["global_names", "plain_constant"]
 
 
 def global_names(code: types.CodeType) -> Iterator[tuple[str, str]]:
@@ -23,3 +24,15 @@ def global_names(code: types.CodeType) -> Iterator[tuple[str, str]]:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             yield from global_names(const)
+
+
+def plain_constant(value: Any) -> bool:
+    """A value that travels by its ``repr``: int, float, str, bytes, bool, None, and
+    tuples, lists, sets and dicts of those."""
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return True
+    if type(value) in (tuple, list, set, frozenset):
+        return all(plain_constant(v) for v in value)
+    if type(value) is dict:
+        return all(plain_constant(k) and plain_constant(v) for k, v in value.items())
+    return False

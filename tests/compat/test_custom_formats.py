@@ -156,6 +156,76 @@ def test_the_complete_custom_formats_example(deployment: Deployment, tmp_path: P
     assert (out / "metadata.yaml").read_text() == yaml.dump(expected, default_flow_style=False)
 
 
+# A Sky Batch writer that appends, and whose second upload fails once; it reads a
+# module-level constant, as ported formats often do (shipped by value with the class).
+_FLAKY_WRITER = """
+import json
+import os
+from dataclasses import dataclass
+
+import skybatch
+from skybatch import io_formats
+
+MARK = @MARK@
+
+
+@dataclass
+class AppendWriter(io_formats.OutputWriter):
+    def upload_batch(self, results, start_idx, end_idx, job_id):
+        if start_idx == 2 and not os.path.exists(MARK):
+            open(MARK, 'w').close()
+            raise RuntimeError('transient')
+        with open(self.path, 'a') as f:
+            for r in results:
+                f.write(json.dumps(r) + '\\n')
+
+
+def ident(row):
+    return row
+
+
+job = skybatch.map(ident, [{'x': i} for i in range(5)], pool_name='pool', batch_size=2,
+                   output=AppendWriter(@OUT@), stream=False)
+print(job.job_id)
+try:
+    job.wait()
+except skybatch.JobFailedError as e:
+    print(e)
+job.resume(stream=False).wait()
+"""
+
+
+def test_a_failed_upload_batch_resumes_after_the_batches_it_accepted(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    deployment.pool("pool", workers=2, tmp=tmp_path)
+    out = tmp_path / "out" / "rows.jsonl"
+    out.parent.mkdir()
+    script = tmp_path / "append.py"
+    code = _FLAKY_WRITER.replace("@MARK@", repr(str(tmp_path / "failed-once")))
+    script.write_text(code.replace("@OUT@", repr(str(out))))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=deployment.env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id, *failure = proc.stdout.splitlines()
+    assert failure == [
+        f"job {job_id} could not publish its output: AppendWriter.upload_batch(rows 2-3) "
+        "failed: RuntimeError: transient",
+        f"Its committed batches are kept; fix that, then `skybatch jobs resume {job_id}` "
+        "(job.resume()) publishes the output; upload_batch continues after the last batch "
+        "it accepted",
+    ]
+    # Every row once, in order: the resume did not upload rows 0-1 again.
+    assert out.read_text().splitlines() == [f'{{"x": {i}}}' for i in range(5)]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rows.jsonl"]
+
+
 # --- sky.batch.utils, on local paths ---------------------------------------------------
 
 

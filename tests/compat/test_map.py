@@ -15,10 +15,12 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import skybatch
+from skybatch.client.fmap import _mapper_source
 from tests.compat.runhouse_word_counts import word_counts
 from tests.helpers import Deployment, read_jsonl
 
@@ -173,6 +175,26 @@ def test_results_in_order_and_errors_name_the_item(deployment: Deployment, tmp_p
     assert got == [0.0, 0.5, 1.0, None, 2.0]
     (bad,) = read_jsonl(tmp_path / "errors.jsonl")
     assert "item 3" in str(bad)
+
+    # A library's function is imported on the workers, not shipped by its source.
+    assert skybatch.map(textwrap.dedent, ["  a\n  b", " c"], pool_name="pool") == ["a\nb", "c"]
+
+    # No items: nothing to run, so no job; where a job is asked for, a refusal.
+    assert skybatch.map(halve, [], pool_name="pool") == []
+    for kwargs in ({"stream": False}, {"output": skybatch.JsonWriter(str(tmp_path / "o.jsonl"))}):
+        with pytest.raises(
+            skybatch.ConfigError, match=r"^skybatch\.map got no items; with output="
+        ):
+            skybatch.map(halve, [], pool_name="pool", **kwargs)
+
+
+@pytest.mark.parametrize("label", ["plain", "a{b}c", "q'\"x", "line\nbreak", "DICT_ROWS"])
+def test_the_generated_mapper_takes_any_function_name_as_data(label: str) -> None:
+    source = _mapper_source(label, dict_rows=False)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<test>", "exec"), namespace)
+    consts = namespace["__skybatch_map__"].__code__.co_consts
+    assert label in consts and False in consts
 
 
 def test_refusals_are_one_line_with_the_fix(tmp_path: Path) -> None:

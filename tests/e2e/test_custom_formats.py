@@ -153,11 +153,11 @@ def test_a_script_reader_using_a_module_level_name_is_refused_at_once(tmp_path: 
         textwrap.dedent("""
         import skybatch
 
-        LIMIT = 10
+        LIMIT = range(10)
 
         class Capped(skybatch.InputReader):
             def __len__(self):
-                return LIMIT
+                return len(LIMIT)
 
             def download_batch(self, start_idx, end_idx, cache_dir):
                 return [{"i": i} for i in range(start_idx, end_idx + 1)]
@@ -173,5 +173,6 @@ def test_a_script_reader_using_a_module_level_name_is_refused_at_once(tmp_path: 
     )
     assert proc.stdout.strip() == (
         "reader Capped.__len__ uses the module-level name 'LIMIT', which is not sent to the "
-        "server and workers; import it at the top of the module, or define it inside the method"
+        "server and workers (only imports and plain constants are); import it at the top of "
+        "the module, or define it inside the method"
     )

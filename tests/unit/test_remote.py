@@ -1,11 +1,13 @@
-"""@remote_function: what it ships, and what it refuses at decoration time."""
+"""@remote_function: what it ships, gathered at submit, and what it refuses."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import linecache
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,7 +54,34 @@ def test_undefined_name_is_refused() -> None:
     with pytest.raises(
         skybatch.MapperError, match="'procss', which is neither a builtin nor defined"
     ):
-        skybatch.remote_function(typo)
+        skybatch.remote_function(typo).to_spec()
+
+
+def test_a_helper_defined_below_the_mapper_and_a_constant_set_later_ship_as_at_submit(
+    tmp_path: Path,
+) -> None:
+    # The usual script: the mapper first, its helper below, a setting under the main guard.
+    code = (
+        "import skybatch\n"
+        "LIMIT = 1\n"
+        "@skybatch.remote_function\n"
+        "def mapper():\n"
+        "    for batch in skybatch.load():\n"
+        "        skybatch.save_results([{'y': process(r['x'])} for r in batch])\n"
+        "def process(x):\n"
+        "    return min(x, LIMIT)\n"
+        "LIMIT = 5\n"
+    )
+    script = tmp_path / "job.py"
+    script.write_text(code)
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(code, str(script), "exec"), ns)
+    mapper = ns["mapper"]
+    spec = mapper.to_spec()
+    assert {"kind": "value", "name": "LIMIT", "repr": "5"} in spec["globals"]
+    assert _rebuild(spec)["process"](9) == 5
+    ns["LIMIT"] = 7  # changed after decoration, before the next ds.map
+    assert {"kind": "value", "name": "LIMIT", "repr": "7"} in mapper.to_spec()["globals"]
 
 
 def test_parameters_lambda_and_async_are_refused() -> None:
@@ -140,8 +169,15 @@ def uses_helpers():
 def _rebuild(spec: dict[str, Any]) -> dict[str, Any]:
     """The worker's side, without a worker: the runner's own rebuild of the names."""
     namespace = runner.mapper_namespace()
-    runner._rebuild_globals(spec["globals"], namespace)
-    exec(compile(spec["source"], spec["filename"], "exec", flags=spec["flags"]), namespace)
+    # The runner overlays shipped lines on linecache for tracebacks: here, in the client's
+    # process, that would hide this file's real lines from later mappers' source reads.
+    cached = dict(linecache.cache)
+    try:
+        runner._rebuild_globals(spec["globals"], namespace)
+        exec(compile(spec["source"], spec["filename"], "exec", flags=spec["flags"]), namespace)
+    finally:
+        linecache.cache.clear()
+        linecache.cache.update(cached)
     return namespace
 
 
@@ -172,13 +208,13 @@ def test_what_cannot_travel_is_refused_in_one_line_naming_it() -> None:
             skybatch.save_results([{"x": NAN} for _ in batch])
 
     with pytest.raises(skybatch.MapperError) as e:
-        skybatch.remote_function(uses_lock)
+        skybatch.remote_function(uses_lock).to_spec()
     assert "uses the module-level name 'LOCK' (a _thread.lock object), which cannot be " in str(
         e.value
     )
     assert "create 'LOCK' inside the function body" in str(e.value)
     with pytest.raises(skybatch.MapperError, match="constant 'NAN' = nan, which cannot be"):
-        skybatch.remote_function(uses_nan)
+        skybatch.remote_function(uses_nan).to_spec()
 
 
 def _make_closure() -> Any:
@@ -201,14 +237,18 @@ square_lambda = lambda x: x * x  # noqa: E731
         ("square_lambda", "a lambda, which workers cannot rebuild from source"),
     ],
 )
-def test_helpers_workers_cannot_rebuild_are_refused(helper: str, words: str) -> None:
+def test_helpers_workers_cannot_rebuild_are_refused(
+    helper: str, words: str, tmp_path: Path
+) -> None:
     code = (
         f"def m():\n    for b in skybatch.load():\n        skybatch.save_results([{helper}(1)])\n"
     )
+    script = tmp_path / "job.py"
+    script.write_text(code)
     ns: dict[str, Any] = dict(globals())
-    exec(compile("\n" * 400 + code, __file__, "exec"), ns)
+    exec(compile(code, str(script), "exec"), ns)
     with pytest.raises(skybatch.MapperError, match=words):
-        skybatch.remote_function(ns["m"])
+        skybatch.remote_function(ns["m"]).to_spec()
 
 
 def test_a_missing_module_on_the_worker_names_it_and_the_fix() -> None:

@@ -14,9 +14,12 @@ returned is the row itself, any other value the row ``{"result": value}``.
 from __future__ import annotations
 
 import inspect
+import site
 import sys
+import sysconfig
 import types
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from skybatch import defaults
@@ -35,6 +38,8 @@ _MAPPER = '''\
 def __skybatch_map__():
     import skybatch
 
+    FN_NAME = NAME_LITERAL
+
     class ItemError(Exception):
         """fn failed on one item; the message names the item's index."""
 
@@ -45,7 +50,8 @@ def __skybatch_map__():
                 value = __skybatch_fn__(row["item"])
             except Exception as e:
                 raise ItemError(
-                    f"item {row['i']}: NAME({row['item']!r:.80}) raised {type(e).__name__}: {e}"
+                    f"item {row['i']}: {FN_NAME}({row['item']!r:.80}) raised "
+                    f"{type(e).__name__}: {e}"
                 ) from e
             if DICT_ROWS:
                 out.append(value if isinstance(value, dict) else {"result": value})
@@ -76,24 +82,47 @@ class MapJob(Job):
 
 
 class _GeneratedMapper(RemoteFunction):
-    """The mapper that calls fn on each item: already checked, so no decoration."""
+    """The mapper that calls fn on each item: already checked, so no decoration; its
+    shipment is gathered by ``skybatch.map`` itself, just before it submits."""
 
     def __init__(self, label: str, source: str, shipment: Shipment) -> None:
         self.name = label
         self.source = source
         self.filename = _FILENAME
-        self.aliases = shipment.aliases
-        self.globals = shipment.entries
+        self._gathered = shipment
+
+    def shipment(self) -> Shipment:
+        return self._gathered
 
     def to_spec(self) -> dict[str, Any]:
         return {
             "name": "__skybatch_map__",
             "source": self.source,
             "filename": self.filename,
-            "aliases": self.aliases,
-            "globals": self.globals,
+            "aliases": self._gathered.aliases,
+            "globals": self._gathered.entries,
             "flags": 0,
         }
+
+
+def _mapper_source(label: str, dict_rows: bool) -> str:
+    # The name as a literal, substituted last: no name can break the generated source.
+    return _MAPPER.replace("DICT_ROWS", repr(dict_rows)).replace("NAME_LITERAL", repr(label))
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` is Python's own or an installed package's, which a worker's
+    environment imports by name: the pool installs packages, never the user's files."""
+    found = sys.modules.get(module)
+    if found is None:
+        return False
+    file = getattr(found, "__file__", None)
+    if file is None:
+        return True  # built into the interpreter
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(site.getsitepackages())
+    path = Path(file).resolve()
+    return any(path.is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def _shipment(fn: Any) -> Shipment:
@@ -117,11 +146,20 @@ def _shipment(fn: Any) -> Shipment:
             "workers run it in a clean namespace: define it at the top level of its script "
             "and pass the values in the items"
         )
-    shipment = Shipment(getattr(fn, "__module__", None))
-    if isinstance(fn, types.FunctionType) and fn.__module__ in shipment.home:
+    module = getattr(fn, "__module__", None)
+    importable = (
+        _importable(fn) is not None
+        and isinstance(module, str)
+        and module != "__main__"
+        and _installed(module)
+    )
+    if isinstance(fn, types.FunctionType) and not importable:
+        # The script's, the notebook's or a module of the user's own: by its source.
+        shipment = Shipment(module)
         shipment.add_source(_FN, fn, where, top=True)
     elif _importable(fn) is not None:
-        shipment.add(_FN, fn, where)  # a library's function: imported on the worker
+        shipment = Shipment(None)  # a library's function: imported on the worker
+        shipment.add(_FN, fn, where)
     else:
         raise MapperError(
             f"skybatch.map needs a function defined with `def` or importable from a module, got "
@@ -161,9 +199,15 @@ def map(
         raise ConfigError(f"skybatch.map needs a list of items, got {type(items).__name__}")
     rows = [{"i": i, "item": item} for i, item in enumerate(items)]
     shipment = _shipment(fn)
-    label = getattr(fn, "__name__", "fn")
-    source = _MAPPER.replace("NAME", label).replace("DICT_ROWS", repr(output is not None))
-    mapper = _GeneratedMapper(label, source, shipment)
+    if not rows:
+        if stream and output is None:
+            return []
+        # A job of no rows would have nothing to write, and no job to return.
+        raise ConfigError(
+            "skybatch.map got no items; with output= or stream=False it needs at least one"
+        )
+    label = str(getattr(fn, "__name__", "fn"))
+    mapper = _GeneratedMapper(label, _mapper_source(label, output is not None), shipment)
     job = Dataset.from_items(rows).map(
         mapper,
         pool_name=pool_name,

@@ -1,4 +1,4 @@
-"""``@remote_function``: ship a mapper as source, checked at decoration time.
+"""``@remote_function``: ship a mapper as source, with what it uses as it is at submit.
 
 The mapper runs on workers in another process and maybe another Python, where
 the user's script is never imported (so a script without an
@@ -12,9 +12,9 @@ script or notebook travels with it, as the worker rebuilds it
 - plain constants (int, float, str, bytes, bool, None, and tuples, lists,
   sets and dicts of those): by value.
 
-Anything else (a closure over a local variable, an open file, a lock, a live
-client) is refused here with its name and the fix: that beats a NameError on
-every worker an hour into a job.
+Anything else (an open file, a lock, a live client) is refused when the job is
+submitted, with its name and the fix: that beats a NameError on every worker an
+hour into a job. A closure over a local variable is refused at decoration.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from skybatch.codecheck import global_names
+from skybatch.codecheck import plain_constant as _plain
 from skybatch.errors import MapperError, SkyBatchError
 
 __all__ = [
@@ -76,16 +77,6 @@ def _skybatch_alias(value: Any) -> str | None:
     if value is save_results:
         return "save_results"
     return None
-
-
-def _plain(value: Any) -> bool:
-    if value is None or type(value) in (bool, int, float, str, bytes):
-        return True
-    if type(value) in (tuple, list, set, frozenset):
-        return all(_plain(v) for v in value)
-    if type(value) is dict:
-        return all(_plain(k) and _plain(v) for k, v in value.items())
-    return False
 
 
 def _describe(value: Any) -> str:
@@ -333,12 +324,7 @@ class RemoteFunction:
         where = f"mapper {self.name!r} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno})"
         self._check_signature(where)
         self._check_closure(where)
-        shipment = Shipment(fn.__module__)
-        shipment._bound[self.name] = fn  # the mapper itself: its own source
-        shipment._done.add(id(fn))
-        shipment.add_names(global_names(fn.__code__), fn.__globals__, where)
-        self.aliases = shipment.aliases
-        self.globals = shipment.entries
+        self._where = where
         self.filename = fn.__code__.co_filename
         self.source = self._source(where)
         # Name, docstring and ``__wrapped__`` of the function, as Sky Batch's decorator keeps them.
@@ -386,13 +372,32 @@ class RemoteFunction:
         # Pad so that line numbers in workers' tracebacks match the user's file.
         return "\n" * (first - 1 + node.lineno - 1) + "".join(body)
 
+    def shipment(self) -> Shipment:
+        """What the mapper uses, gathered now rather than at decoration: a helper defined
+        below the mapper, a constant set under ``if __name__ == "__main__":`` and a notebook
+        cell run again all ship as they are when the job is submitted."""
+        shipment = Shipment(self.fn.__module__)
+        shipment._bound[self.name] = self.fn  # the mapper itself: its own source
+        shipment._done.add(id(self.fn))
+        shipment.add_names(global_names(self.fn.__code__), self.fn.__globals__, self._where)
+        return shipment
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self.shipment().aliases
+
+    @property
+    def globals(self) -> list[dict[str, Any]]:
+        return self.shipment().entries
+
     def to_spec(self) -> dict[str, Any]:
+        shipment = self.shipment()
         return {
             "name": self.name,
             "source": self.source,
             "filename": self.filename,
-            "aliases": self.aliases,
-            "globals": self.globals,
+            "aliases": shipment.aliases,
+            "globals": shipment.entries,
             "flags": _future_flags(self.fn.__globals__),
         }
 
@@ -411,7 +416,8 @@ def remote_function(fn: Callable[[], Any]) -> RemoteFunction:
 
     ``fn`` takes no arguments, iterates ``skybatch.load()`` and calls
     ``skybatch.save_results()`` once per batch. What it uses from its script or
-    notebook travels with it (see this module's docstring); what cannot is refused here.
+    notebook travels with it, as it is when the job is submitted (see this module's
+    docstring); what cannot is refused then, a closure here.
     """
     return RemoteFunction(fn)
 

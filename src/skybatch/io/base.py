@@ -595,7 +595,12 @@ class OutputWriter(_WriterFields):
 class _Replay:
     """The "publish" of a Sky Batch writer: its committed batches, in row order, through
     ``upload_batch``, then its own ``reduce_results``. It runs after every output of the
-    job has staged; what the writer uploads is visible as it goes (as in Sky Batch)."""
+    job has staged; what the writer uploads is visible as it goes (as in Sky Batch).
+
+    Each batch ``upload_batch`` accepts leaves a marker in the job's staging area, so a
+    replay cut short (an upload that raised, a server restart) continues after the
+    batches already uploaded when the job resumes: an appending writer gets every row
+    once. The markers go with the staging area when the job succeeds."""
 
     def __init__(self, writer: OutputWriter, job_id: int | str, parts: Sequence[Part]) -> None:
         self.writer = writer
@@ -607,6 +612,12 @@ class _Replay:
         name = type(w).__name__
         token = w.staging_name(self.job_id)
         for part in self.parts:
+            # Named by rows, not batch: a committed part keeps its rows across resumes.
+            marker = storage.join(
+                w.staging_dir(self.job_id), f"uploaded.{part.row_start}.{part.row_count}"
+            )
+            if storage.exists(marker, w.storage_options):
+                continue
             url = w.part_path(self.job_id, part.batch, part.attempt)
             with (
                 storage.translate_errors(url, "read part", OutputError),
@@ -616,6 +627,7 @@ class _Replay:
             first, last = part.row_start, part.row_start + part.row_count - 1
             label = f"{name}.upload_batch(rows {first}-{last})"
             _call(label, w.upload_batch, rows, first, last, token)
+            storage.write_bytes(marker, b"", w.storage_options, sync=True)
         reduce = getattr(type(w), "_sky_reduce", None)
         if reduce is not None:
             _call(f"{name}.reduce_results", reduce, w, token)

@@ -1,9 +1,9 @@
 """User-defined readers and writers: how their classes travel to the server and workers.
 
 A reader or writer class from the user's own script (``__main__``) cannot be
-imported by the server or an agent, so its spec carries the class's source
-and the import statements of its module, like a mapper. A class from an
-importable module (an installed package, or the pool's ``workdir`` on the
+imported by the server or an agent, so its spec carries the class's source,
+the import statements of its module and the plain constants it uses, like a
+mapper. A class from an importable module (an installed package, or the pool's ``workdir`` on the
 workers) is imported by name first; the source is the fallback. The
 instance's state is its ``__dict__``, which must be JSON values.
 """
@@ -23,13 +23,17 @@ from typing import Any
 
 import orjson
 
-from skybatch.codecheck import global_names
+from skybatch.codecheck import global_names, plain_constant
 from skybatch.errors import ConfigError
 
 __all__ = ["KIND", "custom_spec", "from_custom_spec"]
 
 #: The ``kind`` of every user-defined reader and writer spec.
 KIND = "custom"
+
+#: A constant's ``repr`` past this would bloat every job spec (a mapper's limit too).
+MAX_CONSTANT_CHARS = 1 << 20
+_MISSING = object()
 
 _loaded: dict[str, type] = {}
 _lock = threading.Lock()
@@ -44,10 +48,40 @@ def _imported_names(imports: str) -> set[str]:
     return names
 
 
-def _check_globals(cls: type, imports: str, what: str) -> None:
-    """Refuse, now, a method that uses a module-level name the workers will not have:
-    the same early check as for a mapper."""
+def _constants(cls: type, source: str, imports: str, what: str, strict: bool) -> dict[str, str]:
+    """The plain constants of the class's module that its body and methods use, by
+    ``repr``, rebuilt where it is loaded (as for a mapper). ``strict`` (a class of the
+    user's script): refuse, now, a method that uses any other module-level name, which
+    the server and workers will not have."""
     allowed = _imported_names(imports) | {cls.__name__, "skybatch", "__name__", "__class__"}
+    module = sys.modules.get(cls.__module__)
+    env = vars(module) if module is not None else {}
+    found: dict[str, str] = {}
+
+    def ship(name: str) -> bool:
+        value = env.get(name, _MISSING)
+        if name.startswith("__") or value is _MISSING or not plain_constant(value):
+            return False
+        text = repr(value)
+        try:
+            same = ast.literal_eval(text) == value
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            same = False  # nan, inf: no literal spells them
+        if not same or len(text) > MAX_CONSTANT_CHARS:
+            return False
+        found[name] = text
+        return True
+
+    try:
+        code = compile(source, "<class>", "exec")
+    except SyntaxError:
+        code = None
+    # The class body too (a dataclass field's default), which runs where it is loaded.
+    for op, name in global_names(code) if code is not None else ():
+        if op in ("LOAD_GLOBAL", "LOAD_NAME") and name not in allowed:
+            ship(name)
+    if not strict:
+        return found
     source_file = inspect.getsourcefile(cls)
     for attr, value in vars(cls).items():
         fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
@@ -55,20 +89,23 @@ def _check_globals(cls: type, imports: str, what: str) -> None:
         fn = getattr(fn, "_skybatch_user", fn)
         if isinstance(fn, property):
             fn = fn.fget
-        code = getattr(fn, "__code__", None)
+        fcode = getattr(fn, "__code__", None)
         # Only methods written in the user's file: @dataclass generates others.
-        if not isinstance(code, types.CodeType) or code.co_filename != source_file:
+        if not isinstance(fcode, types.CodeType) or fcode.co_filename != source_file:
             continue
-        for op, name in global_names(code):
+        for op, name in global_names(fcode):
             if name in allowed or (op == "LOAD_GLOBAL" and hasattr(builtins, name)):
                 continue
             if op == "LOAD_NAME" and hasattr(builtins, name):
                 continue
+            if op == "LOAD_GLOBAL" and name in found:
+                continue
             raise ConfigError(
                 f"{what} {cls.__qualname__}.{attr} uses the module-level name {name!r}, which "
-                "is not sent to the server and workers; import it at the top of the module, "
-                "or define it inside the method"
+                "is not sent to the server and workers (only imports and plain constants "
+                "are); import it at the top of the module, or define it inside the method"
             )
+    return found
 
 
 def _module_imports(cls: type) -> str:
@@ -105,13 +142,17 @@ def _class_ref(cls: type, what: str) -> dict[str, Any]:
             ) from None
         source = None
     imports = _module_imports(cls) if source else ""
-    if cls.__module__ == "__main__":
-        _check_globals(cls, imports, what)
+    constants = (
+        _constants(cls, source, imports, what, strict=cls.__module__ == "__main__")
+        if source
+        else {}
+    )
     return {
         "module": cls.__module__,
         "qualname": cls.__qualname__,
         "source": source,
         "imports": imports,
+        "constants": constants,
         "file": inspect.getsourcefile(cls) if source else None,
     }
 
@@ -157,6 +198,8 @@ def _exec(ref: dict[str, Any], base: type, key: str) -> type:
             exec(statement, namespace)
         except Exception:
             continue
+    for const, text in (ref.get("constants") or {}).items():
+        namespace[const] = ast.literal_eval(text)  # plain values only (_constants)
     name = ref["qualname"].rsplit(".", 1)[-1]
     filename = ref.get("file") or f"<{name}>"
     try:
@@ -164,8 +207,8 @@ def _exec(ref: dict[str, Any], base: type, key: str) -> type:
     except Exception as e:
         raise ConfigError(
             f"cannot load {name} from {filename}: {type(e).__name__}: {e}; readers and writers "
-            "may use their module's imports and their own attributes, not other module-level "
-            "names"
+            "may use their module's imports, its plain constants and their own attributes, "
+            "not other module-level names"
         ) from None
     cls = namespace.get(name)
     if not isinstance(cls, type) or not issubclass(cls, base):

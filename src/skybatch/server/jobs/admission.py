@@ -126,7 +126,7 @@ class Admission:
             spec["reader"] = reader.to_spec()  # with the resolved file list and scratch area
             spec["_new_outputs"] = await asyncio.to_thread(absent_local, writers + errors)
             store.set_job_spec(job_id, spec)
-            await asyncio.to_thread(_prepare, writers + errors, job_id, req.overwrite)
+            await asyncio.to_thread(_prepare, writers, errors, job_id, req.overwrite)
         except BaseException:
             await asyncio.to_thread(cleanup, writers, job_id, reader)
             await asyncio.to_thread(remove_made_dirs, spec)
@@ -255,6 +255,15 @@ class Admission:
         return reader
 
 
-def _prepare(writers: list[OutputWriter], job_id: int, overwrite: bool) -> None:
+def _prepare(
+    writers: list[OutputWriter], errors: list[OutputWriter], job_id: int, overwrite: bool
+) -> None:
     for w in writers:
         w.prepare(job_id, overwrite)
+    roots = {w.staging_root(job_id) for w in writers}
+    for e in errors:
+        e.prepare(job_id, overwrite)
+        # The errors output stages as a hidden file beside it (publish.py), never as
+        # parts, and a job's end removes only its writers' staging areas: keep none.
+        if e.staging_root(job_id) not in roots:
+            e.cleanup(job_id)

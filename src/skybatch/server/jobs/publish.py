@@ -81,14 +81,20 @@ class Publisher:
         writers = self.rt.writers(job)
         # A scan of every batch, which a big job has by the million: not on the loop.
         parts = await asyncio.to_thread(store.committed_parts, job_id)
+        begun: list[str] = []
         try:
-            await asyncio.to_thread(self._publish, job, writers, parts, job.spec["overwrite"])
-        except SkyBatchError as e:
-            await self._fail(job, f"job {job_id} could not publish its output: {e}")
-            return
+            await asyncio.to_thread(
+                self._publish, job, writers, parts, job.spec["overwrite"], begun
+            )
         except Exception as e:
-            log.exception("reduce of job %d failed", job_id)
-            await self._fail(job, f"job {job_id} could not publish its output: {e!r}")
+            if isinstance(e, SkyBatchError):
+                message = f"job {job_id} could not publish its output: {e}"
+            else:
+                log.exception("reduce of job %d failed", job_id)
+                message = f"job {job_id} could not publish its output: {e!r}"
+            self._claim_partial(job, begun)
+            # A Sky Batch writer's uploads (public since it began) are not redone.
+            await self._fail(job, message, any(w._by_upload() for w in writers))
             return
         await self.ending.finish(job, JobStatus.SUCCEEDED)
         log.info("job %d succeeded", job_id)
@@ -104,20 +110,37 @@ class Publisher:
         await asyncio.to_thread(discard)
         await self._fail(job, message)
 
-    async def _fail(self, job: JobRecord, message: str) -> None:
+    def _claim_partial(self, job: JobRecord, begun: list[str]) -> None:
+        """Outputs whose publish began are this job's own now, whole or in part: its
+        resume replaces (or, for a Sky Batch writer, continues) them without overwrite."""
+        fresh = [path for path in begun if path not in replaceable(job.spec)]
+        if fresh:
+            spec = dict(job.spec)
+            spec["_partial_outputs"] = [*replaceable(spec), *fresh]
+            self.ctx.store.set_job_spec(job.id, spec)
+
+    async def _fail(self, job: JobRecord, message: str, uploads: bool = False) -> None:
         message += (
             f"\nIts committed batches are kept; fix that, then "
-            f"`skybatch jobs resume {job.id}` writes the output again"
+            f"`skybatch jobs resume {job.id}` (job.resume()) publishes the output"
         )
+        if uploads:
+            message += "; upload_batch continues after the last batch it accepted"
         # set_job_status refuses to move a finished job, so fail it from REDUCING here.
         self.ctx.store.set_job_status(job.id, JobStatus.FAILED, self.ctx.clock(), message)
         await asyncio.to_thread(remove_made_dirs, job.spec)
         self.rt.notify(job)
 
     def _publish(
-        self, job: JobRecord, writers: list[OutputWriter], parts: list[Part], overwrite: bool
+        self,
+        job: JobRecord,
+        writers: list[OutputWriter],
+        parts: list[Part],
+        overwrite: bool,
+        begun: list[str],
     ) -> None:
-        """Stage every output, then publish them all: no output appears unless all can."""
+        """Stage every output, then publish them all: no output appears unless all can.
+        ``begun`` gets the path of each output as its publish starts."""
         staged = []
         replace = replaceable(job.spec)
         try:
@@ -134,7 +157,11 @@ class Publisher:
             for s in staged:
                 s.discard()
             raise
+        paths = [w.path for w in writers] + (
+            [job.spec["errors"]["path"]] if job.spec.get("errors") else []
+        )
         for n, s in enumerate(staged):
+            begun.append(paths[n])
             try:
                 s.publish()
             except BaseException:
