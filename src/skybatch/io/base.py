@@ -65,7 +65,10 @@ class _ReaderFields:
     count=20)``. An empty path travels as None (no path): the server refuses a relative
     local path, and "" is Sky Batch's way of saying there is none."""
 
-    path: str | None = field(default=None, kw_only=True)
+    # A factory, not a plain default: a plain one would sit on the class as ``path =
+    # None``, and a subclass that declares its own ``path: str`` (as Sky Batch's examples
+    # do) would inherit it as a default, so its next field "follows a default argument".
+    path: str | None = field(default_factory=lambda: None, kw_only=True)
 
 
 @dataclass(eq=False, repr=False)
