@@ -56,7 +56,7 @@ def main() -> int:
     )
     skybatch.pool_down("demo")
     print("5. pool 'demo' is down. The server keeps running: `skybatch server stop` stops it.")
-    ok = len(lines) == 10_000 and lines[0] == '{"output": "row0-row0-"}'
+    ok = len(lines) == 10_000 and lines[0] == '{"output":"row0-row0-"}'
     return 0 if ok else 1
 
 

@@ -8,9 +8,15 @@ agent), so none of them has to import another for these shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TypeAlias, TypedDict, Union
 
-__all__ = ["BatchPlan", "LeaseBody", "Part", "lease_from_wire", "lease_to_wire"]
+__all__ = ["BatchPlan", "LeaseBody", "Part", "Place", "lease_from_wire", "lease_to_wire"]
+
+#: Where an agent wrote one writer's part of a batch: ``size`` (a file of its own,
+#: ``part_path``, of that many bytes), ``[segment, offset, size]`` (a byte range of the
+#: segment file the agent wrote for a lease's batches, ``segment_path``), or None (not
+#: one file, or not recorded). Parts are not synced to disk: the reduce checks these.
+Place: TypeAlias = Union[int, list[int], None]  # noqa: UP007 (a runtime alias on 3.10)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class Part:
     attempt: int
     row_start: int
     row_count: int
+    #: Per writer, where its agent wrote the part (see :data:`Place`); None: not known.
+    places: tuple[Place, ...] | None = None
+    #: This writer's entry of ``places`` (set by the reduce for each writer).
+    place: Place = None
 
 
 class LeaseBody(TypedDict):

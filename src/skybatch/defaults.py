@@ -28,6 +28,16 @@ LEASE_TTL = 30.0
 HEARTBEAT_INTERVAL = 1.0
 #: How long a lease request waits on the server for work before answering "none".
 LEASE_WAIT = 20.0
+#: The most batches one lease request takes (agents with short batches ask for several).
+LEASE_MAX_BATCHES = 64
+#: An agent asks for as many batches as its runner gets through in about this long
+#: (by its recent batch times), so a request's cost is shared by enough work.
+LEASE_GROUP_SECONDS = 0.25
+#: ...and no more than this many bytes of input among them.
+LEASE_GROUP_BYTES = 64 * 1024 * 1024
+#: An agent commits a lease's batches together, waiting at most this long for the
+#: rest of them once the first is done (progress shows them a little later).
+COMMIT_GROUP_WAIT = 0.5
 #: How often the server checks lease expiry and asks providers whether workers live.
 MONITOR_INTERVAL = 0.5
 #: A runner that ignores SIGTERM is killed this long after it.

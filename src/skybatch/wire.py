@@ -15,6 +15,7 @@ from skybatch.pools.spec import job_name_error
 
 __all__ = [
     "INT64_MAX",
+    "CommitRequest",
     "FailRequest",
     "HealthReport",
     "Heartbeat",
@@ -206,6 +207,18 @@ class SetupFailed(BaseModel):
 class LeaseRequest(BaseModel):
     prefetch: bool = False
     wait: float = Field(default=defaults.LEASE_WAIT, ge=0, le=60)
+    #: Batches wanted at once: an agent whose batches are short asks for several, so
+    #: that one request's cost is shared by them (the server may grant fewer).
+    max: int = Field(default=1, ge=1, le=defaults.LEASE_MAX_BATCHES)
+
+
+class CommitRequest(BaseModel):
+    """Attempts whose parts are written, committed together in one transaction."""
+
+    attempts: list[Id] = Field(min_length=1, max_length=defaults.LEASE_MAX_BATCHES * 4)
+    #: Per attempt, where each writer's part was written (``batches.Place``: its size,
+    #: or [segment, offset, size]): parts are not synced, so the reduce checks them.
+    sizes: list[list[Annotated[int, Field(ge=0)] | list[Id] | None] | None] | None = None
 
 
 class Heartbeat(BaseModel):
@@ -218,8 +231,9 @@ class HealthReport(BaseModel):
 
 
 class FailRequest(BaseModel):
-    # signal: the runner was killed by a signal it did not send itself (see JobService.fail).
-    kind: str = Field(pattern="^(mapper|system|signal)$")
+    # signal: the runner was killed by a signal it did not send itself (see JobService.fail);
+    # input: a line of the batch's input is not a JSON object (the job fails at once).
+    kind: str = Field(pattern="^(mapper|system|signal|input)$")
     error: str
     traceback: str | None = None
 

@@ -212,8 +212,8 @@ def test_docs_quickstart(deployment: Deployment, tmp_path: Path) -> None:
     (tmp_path / "my_script.py").write_text(_QUICKSTART)
     sh(deployment, "python my_script.py", cwd=tmp_path)
     assert (tmp_path / "output.jsonl").read_text() == (
-        '{"output": "hellohello"}\n{"output": "worldworld"}\n'
-        '{"output": "skysky"}\n{"output": "batchbatch"}\n'
+        '{"output":"hellohello"}\n{"output":"worldworld"}\n'
+        '{"output":"skysky"}\n{"output":"batchbatch"}\n'
     )
 
 

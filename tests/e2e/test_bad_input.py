@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,21 @@ def test_load_outside_a_worker_says_how_to_use_it() -> None:
         skybatch.load()
     with pytest.raises(skybatch.MapperError, match=r"runs on a pool's workers; run it with ds.map"):
         echo()
+
+
+def test_a_malformed_line_inside_a_batch_fails_at_once_naming_it(
+    shared: Deployment, tmp_path: Path
+) -> None:
+    # Full batches of a plain file are indexed unparsed; the runner's parse finds the
+    # line, and the job fails as if the indexer had: file and line, and no retry spent.
+    lines = [json.dumps({"a": i}) for i in range(40)]
+    lines[25] = '{"a": 25, "b": '
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(skybatch.JobFailedError) as e:
+        run(data, tmp_path / "out.jsonl", batch_size=10, max_retries=3)
+    assert str(e.value).startswith(f"{data} line 26: not valid JSON (")
+    assert "; fix or remove the line" in str(e.value)
+    assert e.value.job_id is not None
+    assert skybatch.Job(e.value.job_id).info().retries == 0
+    assert not (tmp_path / "out.jsonl").exists()

@@ -104,8 +104,8 @@ def test_quickstart_on_object_storage(cloud: Deployment, tmp_path: Path, scheme:
     )
     assert run.returncode == 0, run.stderr
     assert fs.cat_file(f"{bucket}/results/out.jsonl") == (
-        b'{"output": "hellohello"}\n{"output": "worldworld"}\n'
-        b'{"output": "skysky"}\n{"output": "batchbatch"}\n'
+        b'{"output":"hellohello"}\n{"output":"worldworld"}\n'
+        b'{"output":"skysky"}\n{"output":"batchbatch"}\n'
     )
     # The staging area (parts, probes) is gone: only the input and the output remain.
     assert objects(fs, bucket) == ["data.jsonl", "results/out.jsonl"]
@@ -434,7 +434,7 @@ def test_every_format_on_object_storage(cloud: Deployment, scheme: str) -> None:
         output=skybatch.JsonWriter(f"{bucket}/ids.jsonl"),
     )  # fmt: skip
     assert fs.cat_file(f"{bucket}/ids.jsonl") == b"".join(
-        f'{{"id": {i}}}\n'.encode() for i in range(5)
+        f'{{"id":{i}}}\n'.encode() for i in range(5)
     )
     # Nothing staged is left anywhere in the bucket.
     assert not [p for p in objects(fs, bucket) if ".skybatch" in p]

@@ -63,6 +63,19 @@ def slow_copy():
 
 
 @skybatch.remote_function
+def waits_for_go_on_last_row():
+    import os
+    import time
+
+    for batch in skybatch.load():
+        if any(item["i"] == item["last"] for item in batch):
+            deadline = time.monotonic() + 60
+            while not os.path.exists(batch[0]["go"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        skybatch.save_results([{"i": item["i"]} for item in batch])
+
+
+@skybatch.remote_function
 def prints_and_copies():
     for batch in skybatch.load():
         print(f"processing rows from {batch[0]['i']}")
@@ -85,8 +98,8 @@ def test_quickstart_output_exact(shared: Deployment, tmp_path: Path) -> None:
         output=skybatch.JsonWriter(str(tmp_path / "out.jsonl")),
     )
     assert (tmp_path / "out.jsonl").read_text() == (
-        '{"output": "hellohello"}\n{"output": "worldworld"}\n'
-        '{"output": "skysky"}\n{"output": "batchbatch"}\n'
+        '{"output":"hellohello"}\n{"output":"worldworld"}\n'
+        '{"output":"skysky"}\n{"output":"batchbatch"}\n'
     )
     assert job.status() is skybatch.JobStatus.SUCCEEDED
     assert not (tmp_path / ".skybatch").exists(), "staging area left behind after success"
@@ -428,3 +441,40 @@ def prints_slowly():
         time.sleep(batch[0]["sleep"])
         print(f"slow batch from {batch[0]['i']}", flush=True)
         skybatch.save_results([{"i": item["i"]} for item in batch])
+
+
+def test_a_committed_part_lost_before_the_reduce_runs_its_batch_again(
+    shared: Deployment, tmp_path: Path
+) -> None:
+    # Parts are not synced (a machine crash may lose them): the reduce checks each one
+    # against the size its agent wrote, and runs a batch whose part is short again.
+    go = tmp_path / "go"
+    data = write_jsonl(
+        tmp_path / "data.jsonl", [{"i": i, "last": 29, "go": str(go)} for i in range(30)]
+    )
+    out = tmp_path / "out.jsonl"
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        waits_for_go_on_last_row,
+        pool_name="pool",
+        batch_size=10,
+        stream=False,
+        output=skybatch.JsonWriter(str(out)),
+    )
+    wait_for(lambda: job.info().committed_batches == 2, message="two batches committed")
+    staging = tmp_path / ".skybatch"
+    # The first lease of a job is one batch: batch 0's part is a segment of its own.
+    segments = [p for p in staging.rglob("segment.*.jsonl") if p.is_file()]
+    first = [p for p in segments if p.read_bytes().startswith(b'{"i":0}')]
+    assert len(first) == 1, sorted(staging.rglob("*"))
+    with open(first[0], "r+b") as f:
+        f.truncate(5)  # as a crash before the data reached the disk would leave it
+    go.touch()
+    job.wait(timeout=60)
+    assert [r["i"] for r in read_jsonl(out)] == list(range(30))
+    assert not staging.exists()
+    log = shared.home.server_log.read_text()
+    assert (
+        f"job {job.job_id}: the parts of 1 committed batches are missing or short (lost in a "
+        "machine crash before they reached the disk?); they run again"
+    ) in log
+    assert job.info().committed_batches == 3

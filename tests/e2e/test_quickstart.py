@@ -29,8 +29,8 @@ def test_quickstart_through_the_cli(deployment: Deployment, tmp_path: Path) -> N
     assert run.returncode == 0, run.stderr
     assert "4/4" in run.stderr and "100%" in run.stderr  # the progress bar
     assert (tmp_path / "out.jsonl").read_text() == (
-        '{"output": "hellohello"}\n{"output": "worldworld"}\n'
-        '{"output": "skysky"}\n{"output": "batchbatch"}\n'
+        '{"output":"hellohello"}\n{"output":"worldworld"}\n'
+        '{"output":"skysky"}\n{"output":"batchbatch"}\n'
     )
     queue = deployment.cli("jobs", "queue").stdout.splitlines()
     assert queue[0].split() == [

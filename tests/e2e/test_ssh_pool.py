@@ -28,7 +28,7 @@ from tests.e2e.storage_servers import S3Server, seaweedfs
 from tests.helpers import Deployment, wait_for
 
 ROWS = ["hello", "world", "sky", "batch"]
-EXPECTED = "".join(json.dumps({"output": t * 2}) + "\n" for t in ROWS)
+EXPECTED = "".join(json.dumps({"output": t * 2}, separators=(",", ":")) + "\n" for t in ROWS)
 
 
 @dataclass
@@ -187,7 +187,7 @@ def test_a_killed_agent_fails_over(lab: Lab, deployment: Deployment, tmp_path: P
     )  # fmt: skip
     replaced = time.monotonic() - killed
     job.wait(timeout=120)
-    expected = "".join(json.dumps({"output": t * 2}) + "\n" for t in rows)
+    expected = "".join(json.dumps({"output": t * 2}, separators=(",", ":")) + "\n" for t in rows)
     assert fs.cat_file(f"{base}/out.jsonl").decode() == expected
     print(
         f"\nSSH agent SIGKILLed: seen lost after {failover:.2f}s, "
@@ -236,7 +236,7 @@ def test_a_host_cut_off_longer_than_a_lease(
         lab.hosts.restore(cut)
     job.wait(timeout=180)
     # Every row once: the cut-off agent's late commit of its expired lease was refused.
-    expected = "".join(json.dumps({"output": t * 2}) + "\n" for t in rows)
+    expected = "".join(json.dumps({"output": t * 2}, separators=(",", ":")) + "\n" for t in rows)
     assert fs.cat_file(f"{base}/out.jsonl").decode() == expected
     info = job.info()
     assert (info.committed_batches, info.status) == (100, "SUCCEEDED")
@@ -495,7 +495,7 @@ def _local_job(tmp_path: Path, rows: list[str], pool: str = "ssh") -> tuple[skyb
 
 
 def _doubled(rows: list[str]) -> str:
-    return "".join(json.dumps({"output": t * 2}) + "\n" for t in rows)
+    return "".join(json.dumps({"output": t * 2}, separators=(",", ":")) + "\n" for t in rows)
 
 
 def test_a_server_killed_mid_job_finds_its_agents_again(

@@ -385,3 +385,25 @@ async def test_an_output_is_claimed_by_one_unfinished_job(h: Harness) -> None:
     assert [j.id for j in h.store.list_jobs()] == [owner], "a refused submit leaves no job"
     await h.svc.cancel(owner)
     await h.submit(numbered(3))  # a finished job's claim is gone
+
+
+@on_loop
+async def test_a_follower_gets_a_change_after_its_interval_and_the_end_at_once(
+    h: Harness,
+) -> None:
+    job_id = await h.submit(numbered(4))
+    first, second = await h.must_lease(), await h.must_lease()
+    seen = h.svc.get(job_id).version
+    bar = asyncio.create_task(h.svc.wait(job_id, seen, timeout=30, interval=0.2))
+    end_only = asyncio.create_task(h.svc.wait(job_id, seen, timeout=30, interval=30))
+    await h.run(first)
+    await asyncio.sleep(0.05)
+    assert not bar.done(), "a change is held back until the interval has passed"
+    job = await asyncio.wait_for(bar, 5)
+    assert job.committed_batches == 1 and not job.status.finished
+    assert not end_only.done()
+    await h.run(second)
+    job = await asyncio.wait_for(end_only, 5)  # not its 30 s: the end is answered at once
+    assert job.status is JobStatus.SUCCEEDED
+    assert not (h.tmp / ".skybatch").exists(), "answered once its staging area is gone"
+    assert read_jsonl(h.tmp / "out.jsonl") == [{"x": i, "y": 2 * i} for i in range(4)]

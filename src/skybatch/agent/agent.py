@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import os
 import queue
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import httpx
 
 from skybatch import defaults
 from skybatch.agent.process import Outcome, Output, RunnerProcess
-from skybatch.batches import BatchPlan, lease_from_wire
+from skybatch.batches import BatchPlan, Place, lease_from_wire
 from skybatch.config import Home, forbid_inspection, pinned_context
 from skybatch.errors import InputError, OutputError, SkyBatchError
 from skybatch.io import storage
@@ -180,6 +182,9 @@ class Item:
     payload: bytes | None = None
     read_error: str | None = None
     outcome: Outcome | None = None
+    run_seconds: float | None = None  # in the runner, when it succeeded
+    ends_group: bool = True  # the last batch of the lease that brought it
+    sizes: list[Place] | None = None  # where its parts were written, per writer
 
 
 class _Revoked(Exception):
@@ -207,14 +212,23 @@ class Agent:
         self.current: Item | None = None
         self.jobs: dict[int, JobContext] = {}
         self.runners: dict[int, RunnerProcess] = {}
+        #: A runner started ahead of its job (see RunnerProcess), for the next one.
+        self.spare: RunnerProcess | None = None
         # Each job's runner output, until shipped; outlives the job's runners.
         self.outputs: dict[int, Output] = {}
         self.outputs_lock = threading.Lock()
         self.log_lock = threading.Lock()  # one shipper at a time, or lines would swap
         self.log_retry_at = 0.0  # after a failed log request, wait before the next one
         self.log_ends_line: dict[int, bool] = collections.defaultdict(lambda: True)
-        self.ready: queue.Queue[Item] = queue.Queue(maxsize=1)
-        self.done: queue.Queue[Item | None] = queue.Queue(maxsize=2)
+        # Leased batches waiting for the runner (a lease may bring several), and run
+        # batches waiting for the committer, which commits what has piled up at once.
+        self.ready: queue.Queue[Item] = queue.Queue()
+        self.done: queue.Queue[Item | None] = queue.Queue(maxsize=2 * defaults.LEASE_MAX_BATCHES)
+        #: Recent seconds per batch in the runner and bytes per payload (moving averages,
+        #: of the job last run): how many batches the next lease asks for.
+        self.batch_seconds: float | None = None
+        self.payload_bytes = 0.0
+        self.last_job: int | None = None
         self.failure: BaseException | None = None
 
     # -- threads -------------------------------------------------------------------------
@@ -232,6 +246,8 @@ class Agent:
         return t
 
     def run(self) -> None:
+        # Ready before the first job comes (most jobs have no activate_env).
+        self.spare = RunnerProcess(None, self.workdir)
         self._thread(self._fetch_loop, "fetch")
         committer = self._thread(self._commit_loop, "commit")
         self._thread(self._heartbeat_loop, "heartbeat")
@@ -248,6 +264,7 @@ class Agent:
                     self.idle.notify_all()  # the fetcher may prefetch the next one now
                 try:
                     item.outcome = self._process(item)
+                    self._timed(item)
                 finally:
                     with self.idle:
                         self.current = None
@@ -259,7 +276,7 @@ class Agent:
             with contextlib.suppress(queue.Full):
                 self.done.put_nowait(None)
             committer.join(timeout=5)
-            for r in list(self.runners.values()):
+            for r in [*self.runners.values(), *([self.spare] if self.spare else [])]:
                 r.kill()
             self._ship_logs(force=True)
         if self.failure is not None and not isinstance(self.failure, AgentExit):
@@ -282,39 +299,61 @@ class Agent:
             self.jobs[job_id] = ctx
         return ctx
 
+    def _group_size(self) -> int:
+        """Batches to ask for: enough runner time to hide a request's cost, from the
+        recent batch times (one until a batch of the job was timed)."""
+        seconds = self.batch_seconds
+        if seconds is None:
+            return 1
+        want = int(defaults.LEASE_GROUP_SECONDS / max(seconds, 1e-6))
+        if self.payload_bytes:
+            want = min(want, int(defaults.LEASE_GROUP_BYTES / self.payload_bytes))
+        return max(1, min(want, defaults.LEASE_MAX_BATCHES))
+
     def _fetch_loop(self) -> None:
+        low = 0  # lease again once the runner is this close to the end of what is held
         while not self.stop.is_set():
             with self.idle:
-                # Hold at most one batch beyond the one running.
-                while not self.ready.empty() and not self.stop.is_set():
+                while self.ready.qsize() > low and not self.stop.is_set():
                     self.idle.wait(0.5)
                 prefetch = self.busy
-            body = {"prefetch": prefetch, "wait": 0 if prefetch else defaults.LEASE_WAIT}
+            body = {
+                "prefetch": prefetch,
+                "wait": 0 if prefetch else defaults.LEASE_WAIT,
+                "max": self._group_size(),
+            }
             r = self.link.call(
                 "POST", f"{self.base}/lease", json=body, timeout=defaults.LEASE_WAIT + 10
             )
             if r.status_code == 409:
                 raise AgentExit(r.json()["error"]["message"])
-            lease = r.json()["lease"]
-            if lease is None:
+            leases = r.json()["leases"]
+            if not leases:
                 if prefetch:
                     with self.idle:
                         if self.busy:
                             self.idle.wait(1.0)
                 continue
-            attempt, job, generation, plan = lease_from_wire(lease)
-            item = Item(attempt=attempt, job=job, generation=generation, plan=plan)
+            items = []
+            for n, lease in enumerate(leases, 1):
+                attempt, job, generation, plan = lease_from_wire(lease)
+                item = Item(attempt, job, generation, plan, ends_group=n == len(leases))
+                items.append(item)
             with self.lock:
-                self.held.add(item.attempt)
-            try:
-                reader = self._job(item.job, item.generation).reader
-                if self.relay:
-                    item.payload = self._read_relayed(reader, item)
-                else:
-                    item.payload = reader.read(item.plan)
-            except SkyBatchError as e:
-                item.read_error = str(e)
-            self.ready.put(item)
+                self.held.update(item.attempt for item in items)
+            # Read ahead of the runner by a quarter of a group: the next lease and its
+            # reads overlap the last batches of this one.
+            low = len(items) // 4
+            for item in items:
+                try:
+                    reader = self._job(item.job, item.generation).reader
+                    if self.relay:
+                        item.payload = self._read_relayed(reader, item)
+                    else:
+                        item.payload = reader.read(item.plan)
+                except SkyBatchError as e:
+                    item.read_error = str(e)
+                self.ready.put(item)
 
     def _read_relayed(self, reader: InputReader, item: Item) -> bytes:
         """The batch's payload: from the server when its source is a local path there."""
@@ -330,7 +369,7 @@ class Agent:
             raise InputError(_message(r))
         return r.content
 
-    def _write_relayed(self, item: Item, writer: OutputWriter, data: bytes) -> None:
+    def _write_relayed(self, item: Item, writer: OutputWriter, data: bytes) -> int | None:
         """Upload a part to the server, which writes it where this worker would have."""
         index = item.plan.index
         if writer.part_is_file:
@@ -356,6 +395,32 @@ class Agent:
                 # Seen as a full disk by _write_parts: kept, and tried again.
                 raise error from OSError(errno.ENOSPC, "no space left on the server")
             raise error
+        return len(data) if writer.part_is_file else None
+
+    def _take_spare(self, activate_env: str | None) -> RunnerProcess:
+        """A started runner for ``activate_env``: the spare when it matches and lives,
+        else a new one; either way a new spare starts for the next job meanwhile."""
+        spare, self.spare = self.spare, None
+        if spare is not None and (spare.activate_env != activate_env or not spare.alive()):
+            spare.close(0)
+            spare = None
+        runner = spare or RunnerProcess(activate_env, self.workdir)
+        if not self.stop.is_set():
+            self.spare = RunnerProcess(activate_env, self.workdir)
+        return runner
+
+    def _timed(self, item: Item) -> None:
+        """Fold a batch's runner time into the averages that size the next lease."""
+        seconds = item.run_seconds
+        if seconds is None:
+            return
+        size = float(len(item.payload or b""))
+        if self.batch_seconds is None or item.job != self.last_job:
+            self.batch_seconds, self.payload_bytes = seconds, size
+        else:
+            self.batch_seconds += 0.3 * (seconds - self.batch_seconds)
+            self.payload_bytes += 0.3 * (size - self.payload_bytes)
+        self.last_job = item.job
 
     def _process(self, item: Item) -> Outcome:
         if item.read_error is not None:
@@ -369,87 +434,187 @@ class Agent:
                 output = self.outputs.get(item.job)
                 if output is None:
                     output = self.outputs[item.job] = Output(defaults.LOG_BUFFER_BYTES)
-            runner = RunnerProcess(
-                item.job, job.init, job.spec.get("activate_env"), self.workdir, output
-            )
+            runner = self._take_spare(job.spec.get("activate_env"))
+            runner.start(item.job, job.init, output)
             runner.generation = item.generation
             self.runners[item.job] = runner
         assert item.payload is not None
         if item.attempt in self.revoked:
             return Outcome(error="revoked")
-        return runner.run(
+        started = time.monotonic()
+        outcome = runner.run(
             item.plan.index,
             item.plan.row_start,
             item.payload,
             len(job.writers),
             job.spec.get("batch_timeout"),
         )
+        if outcome.ok:
+            item.run_seconds = time.monotonic() - started
+        elif outcome.input_line is not None:
+            # As the indexer says it of a line it parses (io/formats/jsonl.py).
+            url = job.reader.source_url(item.plan)
+            outcome.error = (
+                f"{url} line {item.plan.line + outcome.input_line}: {outcome.error}; "
+                "fix or remove the line"
+            )
+        return outcome
 
     def _commit_loop(self) -> None:
         while True:
             item = self.done.get()
             if item is None:
                 return
+            # What else has finished meanwhile is committed in the same request, and the
+            # rest of a lease's group (short batches) is waited for: one commit per group.
+            items, last = [item], False
+            deadline = time.monotonic() + defaults.COMMIT_GROUP_WAIT
+            while len(items) < 2 * defaults.LEASE_MAX_BATCHES:
+                try:
+                    if items[-1].ends_group:
+                        more = self.done.get_nowait()
+                    else:
+                        more = self.done.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                items.append(more)
             try:
-                self._finish(item)
+                self._finish(items)
             finally:
                 with self.lock:
-                    self.held.discard(item.attempt)
-
-    def _finish(self, item: Item) -> None:
-        outcome = item.outcome
-        assert outcome is not None
-        if item.attempt in self.revoked:
-            return  # cancelled or re-leased elsewhere: nothing of it may land
-        base = f"/v1/agent/attempts/{item.attempt}"
-        if outcome.ok:
-            job = self._job(item.job, item.generation)
-            assert outcome.parts is not None
-            written = self._write_parts(item, job, outcome.parts)
-            if written is False:
-                return  # revoked, or the agent stops, while the disk was full
-            if written is not True:
-                outcome = Outcome(
-                    error=f"writing the batch's output failed: {written}", mapper_caused=False
-                )
-            else:
-                # Logs first: once the job is seen to end, its output is all there.
-                self._ship_logs(item.job)
-                r = self.link.call("POST", f"{base}/commit")
-                if r.status_code == 409:
-                    for writer, relayed in zip(job.writers, job.relayed, strict=True):
-                        # (A relayed part lies on the server, never reduced, removed
-                        # with the job's staging area.)
-                        if not relayed:
-                            writer.discard_part(item.job, item.plan.index, item.attempt)
+                    self.held.difference_update(i.attempt for i in items)
+            if last:
                 return
-        self._ship_logs(item.job)
-        self.link.call(
-            "POST",
-            f"{base}/fail",
-            json={
-                "kind": outcome.kind,
-                "error": outcome.error or "unknown error",
-                "traceback": outcome.traceback,
-            },
+
+    def _finish(self, items: list[Item]) -> None:
+        """Write the parts of the batches that succeeded and commit them in one request;
+        report the others' failures."""
+        to_commit: list[Item] = []
+        failed: list[tuple[Item, Outcome]] = []
+        # Per segment written: its job, its writers' numbers, and the attempts in it.
+        segments: dict[int, tuple[JobContext, int, list[int], set[int]]] = {}
+        groups: dict[tuple[int, int], list[Item]] = {}
+        for item in items:
+            outcome = item.outcome
+            assert outcome is not None
+            if item.attempt in self.revoked:
+                continue  # cancelled or re-leased elsewhere: nothing of it may land
+            if not outcome.ok:
+                failed.append((item, outcome))
+                continue
+            groups.setdefault((item.job, item.generation), []).append(item)
+        for (job_id, generation), group in groups.items():
+            job = self._job(job_id, generation)
+            # Outputs that take a lease's parts in one file each; the others, a file a part.
+            together = [n for n, w in enumerate(job.writers) if w.segments() and not job.relayed[n]]
+            written: list[Item] = []
+            for item in group:
+                result = self._with_space(
+                    item, [item], functools.partial(self._write_own, item, job)
+                )
+                if result is True:
+                    written.append(item)
+                elif result is not False:  # False: revoked (or stopping) while the disk was full
+                    error = f"writing the batch's output failed: {result}"
+                    failed.append((item, Outcome(error=error, mapper_caused=False)))
+            if together and written:
+                segment = written[0].attempt
+                write = functools.partial(self._write_segments, job, segment, written)
+                result = self._with_space(written[0], written, write)
+                if result is not True:
+                    if result is not False:
+                        error = f"writing the batch's output failed: {result}"
+                        failed.extend(
+                            (i, Outcome(error=error, mapper_caused=False)) for i in written
+                        )
+                    continue
+                segments[segment] = (job, job_id, together, {i.attempt for i in written})
+            to_commit.extend(written)
+        # Logs first: once the job is seen to end, its output is all there.
+        for job_id in {i.job for i in items}:
+            self._ship_logs(job_id)
+        if to_commit:
+            self._commit(to_commit, segments)
+        for item, outcome in failed:
+            self.link.call(
+                "POST",
+                f"/v1/agent/attempts/{item.attempt}/fail",
+                json={
+                    "kind": outcome.kind,
+                    "error": outcome.error or "unknown error",
+                    "traceback": outcome.traceback,
+                },
+            )
+
+    def _commit(
+        self, items: list[Item], segments: dict[int, tuple[JobContext, int, list[int], set[int]]]
+    ) -> None:
+        """Commit written batches in one request; remove what the refused ones wrote."""
+        attempts = [i.attempt for i in items]
+        sizes = [i.sizes for i in items]
+        r = self.link.call(
+            "POST", f"{self.base}/commit", json={"attempts": attempts, "sizes": sizes}
         )
+        if r.status_code == 409:
+            raise AgentExit(_message(r))
+        refused = set(r.json()["refused"])
+        for item in items:
+            if item.attempt in refused:
+                job = self._job(item.job, item.generation)
+                for writer, relayed, size in zip(
+                    job.writers, job.relayed, item.sizes or [], strict=True
+                ):
+                    # (A relayed part lies on the server, never reduced, removed with the
+                    # job's staging area; a segment goes once all its batches are refused.)
+                    if not relayed and not isinstance(size, list):
+                        writer.discard_part(item.job, item.plan.index, item.attempt)
+        for segment, (job, job_id, numbers, held) in segments.items():
+            if held <= refused:
+                for n in numbers:
+                    job.writers[n].discard_segment(job_id, segment)
 
-    def _write_parts(self, item: Item, job: JobContext, parts: list[bytes]) -> bool | str:
-        """Write the batch's parts: True once written, False if given up, else the error.
+    def _write_own(self, item: Item, job: JobContext) -> None:
+        """Write the batch's parts that go in files of their own."""
+        assert item.outcome is not None and item.outcome.parts is not None
+        sizes: list[Place] = []
+        for writer, relayed, data in zip(job.writers, job.relayed, item.outcome.parts, strict=True):
+            if relayed:
+                sizes.append(self._write_relayed(item, writer, data))
+            elif writer.segments():
+                sizes.append(None)  # in the lease's segment (_write_segments)
+            else:
+                sizes.append(writer.write_part(item.job, item.plan.index, item.attempt, data))
+        item.sizes = sizes
 
-        A full disk (or quota) is no fault of the batch: the agent keeps its lease
-        (heartbeats renew it), tells the server, whose job view shows it, and tries
-        again with a capped backoff until space returns or the batch is revoked.
+    def _write_segments(self, job: JobContext, segment: int, items: list[Item]) -> None:
+        """Write the batches' parts of each output that takes segments, one file each."""
+        for n, (writer, relayed) in enumerate(zip(job.writers, job.relayed, strict=True)):
+            if relayed or not writer.segments():
+                continue
+            parts = []
+            for item in items:
+                assert item.outcome is not None and item.outcome.parts is not None
+                parts.append(writer.encode_part(item.plan.index, item.outcome.parts[n]))
+            places = writer.write_segment(items[0].job, segment, parts)
+            for item, place in zip(items, places, strict=True):
+                assert item.sizes is not None
+                item.sizes[n] = place
+
+    def _with_space(self, item: Item, watch: list[Item], write: Callable[[], None]) -> bool | str:
+        """Run ``write``: True once done, False if given up, else the error.
+
+        A full disk (or quota) is no fault of the batches: the agent keeps their
+        leases (heartbeats renew them), tells the server, whose job view shows it, and
+        tries again with a capped backoff until space returns or they are revoked.
         """
         delay = 0.5
         reported = False
         while True:
             try:
-                for writer, relayed, data in zip(job.writers, job.relayed, parts, strict=True):
-                    if relayed:
-                        self._write_relayed(item, writer, data)
-                    else:
-                        writer.write_part(item.job, item.plan.index, item.attempt, data)
+                write()
             except _Revoked:
                 return False
             except SkyBatchError as e:
@@ -463,7 +628,7 @@ class Agent:
                     "free space there and the job goes on",
                 )
                 reported = True
-                if self.stop.wait(delay) or item.attempt in self.revoked:
+                if self.stop.wait(delay) or all(i.attempt in self.revoked for i in watch):
                     return False
                 delay = min(delay * 2, defaults.WRITE_RETRY_MAX_DELAY)
                 continue

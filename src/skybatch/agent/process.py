@@ -21,6 +21,9 @@ __all__ = ["Outcome", "RunnerProcess"]
 
 RUNNER_PATH = runner_script.__file__
 
+#: What a spare runner may print before it has a job (kept for that job's log).
+LOG_LIMIT_UNTIL_STARTED = 1 << 20
+
 
 @dataclass
 class Outcome:
@@ -31,6 +34,8 @@ class Outcome:
     traceback: str | None = None
     mapper_caused: bool = True
     signal: int | None = None  # the signal that killed the runner, if one did
+    #: A line of the batch's input (from 0) that is not a JSON object: the input's fault.
+    input_line: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -41,6 +46,8 @@ class Outcome:
         """What the server is told caused the failure."""
         if self.signal is not None:
             return "signal"
+        if self.input_line is not None:
+            return "input"
         return "mapper" if self.mapper_caused else "system"
 
 
@@ -154,6 +161,16 @@ class _OutputPipe:
         """Take in everything written so far (the runner wrote it before its last frame)."""
         self._read_once()
 
+    def adopt(self, output: Output) -> None:
+        """From now on copy into ``output``, after what was held until now."""
+        with self._lock:
+            held, self.output = self.output, output
+            while True:
+                data, _ = held.take(1 << 20)
+                if not data:
+                    break
+                output.add(data)
+
 
 def _command(activate_env: str | None) -> list[str]:
     if not activate_env:
@@ -243,19 +260,19 @@ def _hiding_prefix(home: Path, worker_dir: Path) -> list[str] | None:
 
 
 class RunnerProcess:
-    """One runner for one job on one worker; it lives across that job's batches."""
+    """One runner for one job on one worker; it lives across that job's batches.
 
-    def __init__(
-        self,
-        job_id: int,
-        init: dict[str, Any],
-        activate_env: str | None,
-        worker_dir: Path,
-        output: Output,
-    ) -> None:
-        self.job_id = job_id
+    Started before its job is known (a *spare*: the agent keeps one ready, so that a
+    job's first batch does not wait for a Python to start), then given its job by
+    :meth:`start`."""
+
+    def __init__(self, activate_env: str | None, worker_dir: Path) -> None:
+        self.activate_env = activate_env
+        self.job_id: int | None = None
         self.generation = 0  # the job's generation this runner's mapper belongs to
         self.killed = False
+        # Until it has a job, what it prints (an activate_env's chatter) waits here.
+        output = Output(LOG_LIMIT_UNTIL_STARTED)
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         env = dict(os.environ)
@@ -295,6 +312,11 @@ class RunnerProcess:
         self._to = os.fdopen(to_w, "wb")
         self._from = os.fdopen(from_r, "rb")
         self.start_error: str | None = None
+
+    def start(self, job_id: int, init: dict[str, Any], output: Output) -> None:
+        """Give the runner its job: the mapper to load, and where its output goes."""
+        self.job_id = job_id
+        self._output.adopt(output)
         try:
             write_frame(self._to, {"type": "init", **init})
             msg = read_frame(self._from)
@@ -345,7 +367,11 @@ class RunnerProcess:
                 pos += size
             assert len(parts) == nwriters
             return Outcome(parts=parts)
-        return Outcome(error=header.get("error"), traceback=header.get("traceback"))
+        return Outcome(
+            error=header.get("error"),
+            traceback=header.get("traceback"),
+            input_line=header.get("line"),
+        )
 
     def _died(self, index: int) -> Outcome:
         code = self.proc.wait()

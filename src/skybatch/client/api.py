@@ -136,12 +136,14 @@ class Client:
         result: dict[str, Any] = self.json("POST", "/v1/jobs", json=body)
         return result
 
-    def get_job(self, job_id: str, version: int = -1, wait: float = 0) -> dict[str, Any]:
+    def get_job(
+        self, job_id: str, version: int = -1, wait: float = 0, interval: float = 0
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"version": version, "wait": wait}
+        if interval:
+            params["interval"] = interval
         result: dict[str, Any] = self.json(
-            "GET",
-            f"/v1/jobs/{job_id}",
-            params={"version": version, "wait": wait},
-            timeout=wait + 30,
+            "GET", f"/v1/jobs/{job_id}", params=params, timeout=wait + 30
         )
         return result
 

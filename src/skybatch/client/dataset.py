@@ -117,8 +117,15 @@ class Job:
                 poll = 30.0
                 if deadline is not None:
                     poll = max(0.0, min(poll, deadline - time.monotonic()))
+                # The server answers the job's end at once, and a change only once this
+                # much time has passed: a bar's updates are spaced without a sleep here
+                # that would hold the end back; without one, only the end matters.
+                interval = (PROGRESS_INTERVAL if view else 0.0) if progress else poll
+                asked = time.monotonic()
                 try:
-                    view = self.client.get_job(self.job_id, version=version, wait=poll)
+                    view = self.client.get_job(
+                        self.job_id, version=version, wait=poll, interval=interval
+                    )
                 except ServerUnreachable:
                     # The server may be restarting: ride it out.
                     self.client.reconnect(time.monotonic() + RECONNECT_WINDOW)
@@ -131,8 +138,11 @@ class Job:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.job_id} is still {view['status']}")
-                # Every commit changes the job: ten updates a second are enough.
-                time.sleep(PROGRESS_INTERVAL)
+                # A server older than ``interval`` answers every change (every commit)
+                # at once: ten updates a second are enough.
+                early = min(interval, PROGRESS_INTERVAL) - (time.monotonic() - asked)
+                if early > 0:
+                    time.sleep(early)
         finally:
             if bar is not None:
                 bar.close()

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, cast
 
 from skybatch.batches import BatchPlan, Part
 from skybatch.errors import ConfigError, InputError, OutputError, SkyBatchError
@@ -438,17 +439,85 @@ class OutputWriter(_WriterFields):
                 )
         return data
 
-    def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> None:
-        # Durable before the commit that makes it part of the output.
-        storage.write_bytes(
-            self.part_path(job_id, batch, attempt),
-            self.encode_part(batch, data),
-            self.storage_options,
-            sync=True,
-        )
+    def write_part(self, job_id: int, batch: int, attempt: int, data: bytes) -> int | None:
+        """Write a batch's part; the bytes written when the part is one file (else None).
+
+        Not synced: a part is read back within the job, mostly from the page cache, and
+        syncing each one cost more than the mapper on short batches (and made removing
+        them slow). A part lost to a machine crash is found by the reduce, which checks
+        the sizes recorded at commit, and its batch runs again.
+        """
+        encoded = self.encode_part(batch, data)
+        storage.write_bytes(self.part_path(job_id, batch, attempt), encoded, self.storage_options)
+        return len(encoded)
 
     def discard_part(self, job_id: int, batch: int, attempt: int) -> None:
         storage.remove_file(self.part_path(job_id, batch, attempt), self.storage_options)
+
+    # -- segments: the parts of a lease's batches in one file ---------------------------
+
+    def segments(self) -> bool:
+        """Whether agents may write this output's parts of several batches into one file
+        (a segment), each a byte range of it: for outputs whose reduce concatenates
+        parts. Creating a file costs more than the mapper on short batches."""
+        return False
+
+    def segment_path(self, job_id: int | str, segment: int) -> str:
+        """The segment file named after the first attempt whose part it holds."""
+        return storage.join(self.staging_dir(job_id), f"segment.{segment}.{self.part_ext}")
+
+    def write_segment(self, job_id: int, segment: int, parts: list[bytes]) -> list[list[int]]:
+        """Write these parts, one after the other, as one segment; each one's place."""
+        places, offset = [], 0
+        for data in parts:
+            places.append([segment, offset, len(data)])
+            offset += len(data)
+        storage.write_bytes(
+            self.segment_path(job_id, segment), b"".join(parts), self.storage_options
+        )
+        return places
+
+    def discard_segment(self, job_id: int, segment: int) -> None:
+        storage.remove_file(self.segment_path(job_id, segment), self.storage_options)
+
+    @contextlib.contextmanager
+    def open_part(self, job_id: int | str, part: Part) -> Iterator[IO[bytes]]:
+        """A committed part's bytes to read: its own file, or its range of a segment."""
+        place = part.place
+        if not isinstance(place, list):
+            url = self.part_path(job_id, part.batch, part.attempt)
+            with (
+                storage.translate_errors(url, "read part", OutputError),
+                storage.open_stream(url, self.storage_options) as f,
+            ):
+                yield f
+            return
+        segment, offset, size = place
+        url = self.segment_path(job_id, segment)
+        with storage.translate_errors(url, "read part", OutputError):
+            if storage.is_local(url):
+                with open(url, "rb") as f:
+                    f.seek(offset)
+                    yield cast(IO[bytes], _Range(f, size))
+            else:
+                data = storage.read_range(url, offset, offset + size, self.storage_options)
+                yield io.BytesIO(data)
+
+    def part_lost(self, job_id: int | str, part: Part) -> bool:
+        """Whether a committed local part is gone or cut short (see ``write_part``)."""
+        place = part.place
+        if place is None:
+            return False
+        if isinstance(place, list):
+            segment, offset, size = place
+            path, least = self.segment_path(job_id, segment), offset + size
+        else:
+            path, least = self.part_path(job_id, part.batch, part.attempt), place
+        try:
+            found = os.stat(path).st_size
+        except OSError:
+            return True
+        return found < least if isinstance(place, list) else found != least
 
     def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         """Merge the parts, in order, into a staged final output (not yet visible)."""
@@ -559,11 +628,7 @@ class OutputWriter(_WriterFields):
         try:
             with staged.open() as out:
                 for part in parts:
-                    url = self.part_path(job_id, part.batch, part.attempt)
-                    with (
-                        storage.translate_errors(url, "read part", OutputError),
-                        storage.open_stream(url, self.storage_options) as src,
-                    ):
+                    with self.open_part(job_id, part) as src:
                         if skip_first_line:
                             line = src.readline()
                             if header is None:
@@ -593,6 +658,26 @@ class OutputWriter(_WriterFields):
             for n, part in enumerate(parts)
         ]
         return storage.StagedMoves(self.path, moves, self.storage_options)
+
+
+class _Range:
+    """The next ``size`` bytes of an open file, read as a file of their own."""
+
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self._f = f
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        limit = self._left if limit < 0 else min(limit, self._left)
+        data = self._f.readline(limit)
+        self._left -= len(data)
+        return data
 
 
 class _Replay:

@@ -82,6 +82,15 @@ class MapperContractError(Exception):
     """The mapper broke the load()/save_results() contract."""
 
 
+class InputLineError(Exception):
+    """A line of the batch's input is not a JSON object: the input's fault, not the
+    mapper's (the agent names the file and line; the job fails, with no retries)."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
 class _Batch:
     __slots__ = ("index", "row_start", "rows", "saved")
 
@@ -137,7 +146,11 @@ class Session:
                 self.eof = True
                 return
             header, payload = msg
-            rows = self.decode(payload)
+            try:
+                rows = self.decode(payload)
+            except _codec.BadLine as e:
+                self.current = _Batch(header["index"], header["row_start"], [])
+                raise InputLineError(e.line, str(e)) from None
             self.current = _Batch(header["index"], header["row_start"], rows)
             self.loaded_any = True
             yield rows
@@ -340,6 +353,13 @@ def main() -> int:
                     traceback.print_exception(type(error), error, error.__traceback__)
                     return 1
                 cur = _Batch(msg[0]["index"], msg[0]["row_start"], [])
+            if isinstance(error, InputLineError):
+                write_frame(
+                    wfile,
+                    {"type": "error", "index": cur.index, "error": str(error), "line": error.line},
+                )
+                session.current = None
+                continue
             tb = _user_traceback(error, filename)
             sys.stderr.write(tb)
             sys.stderr.flush()

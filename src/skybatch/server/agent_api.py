@@ -25,6 +25,7 @@ from skybatch.server.pools import PoolService
 from skybatch.server.relay import Relay
 from skybatch.wire import (
     INT64_MAX,
+    CommitRequest,
     FailRequest,
     HealthReport,
     Heartbeat,
@@ -96,10 +97,8 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
         worker_id = _int(request, "worker")
         body = await _body(request, LeaseRequest)
         worker = pools.live_worker(worker_id)
-        got = await jobs.lease(worker_id, worker.pool, body.prefetch, body.wait)
-        if got is None:
-            return {"lease": None}
-        return {"lease": lease_to_wire(got.attempt, got.job_id, got.generation, got.batch)}
+        got = await jobs.lease_many(worker_id, worker.pool, body.prefetch, body.wait, body.max)
+        return {"leases": [lease_to_wire(g.attempt, g.job_id, g.generation, g.batch) for g in got]}
 
     async def job_spec(request: Request) -> Any:
         job = jobs.get(_int(request, "job"))
@@ -107,6 +106,12 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
 
     async def commit(request: Request) -> None:
         await jobs.commit(_int(request, "attempt"))
+
+    async def commit_many(request: Request) -> Any:
+        body = await _body(request, CommitRequest)
+        if body.sizes is not None and len(body.sizes) != len(body.attempts):
+            raise ConfigError("invalid request body: sizes must have one entry per attempt")
+        return {"refused": await jobs.commit_many(body.attempts, body.sizes)}
 
     async def fail(request: Request) -> None:
         body = await _body(request, FailRequest)
@@ -133,6 +138,7 @@ def agent_routes(ctx: Context, jobs: JobService, pools: PoolService) -> list[Rou
         route(f"{base}/workers/{{worker}}/lease", lease),
         route(f"{base}/jobs/{{job}}", job_spec, method="GET"),
         route(f"{base}/attempts/{{attempt}}/commit", commit),
+        route(f"{base}/workers/{{worker}}/commit", commit_many),
         route(f"{base}/attempts/{{attempt}}/fail", fail),
         route(f"{base}/jobs/{{job}}/logs/{{worker}}", append_log),
         route(f"{base}/jobs/{{job}}/health/{{worker}}", report_health),

@@ -215,9 +215,14 @@ def create_app(ctx: Context) -> FastAPI:
         return {"pruned": await asyncio.to_thread(prune_jobs, ctx, older_than_days, keep)}
 
     @api.get("/jobs/{job_id}")
-    async def get_job(job_id: JobId, version: int = -1, wait: float = 0) -> JobView:
+    async def get_job(
+        job_id: JobId, version: int = -1, wait: float = 0, interval: float = 0
+    ) -> JobView:
+        """With ``wait``: a long poll for a change past ``version`` (answered no sooner
+        than ``interval`` seconds in) or the job's end (at once)."""
         if wait > 0:
-            return jobs.view(await jobs.wait(job_id, version, min(wait, 60)))
+            interval = min(interval, 60) if interval > 0 else 0
+            return jobs.view(await jobs.wait(job_id, version, min(wait, 60), interval))
         return jobs.view(await jobs.settled(job_id))
 
     @api.post("/jobs/{job_id}/cancel")

@@ -14,6 +14,7 @@ __all__ = [
     "backoff",
     "choose_job",
     "judge_failure",
+    "lease_share",
     "signal_is_mapper_caused",
     "split_indices",
 ]
@@ -45,6 +46,13 @@ def choose_job(candidates: Sequence[Candidate], last_job: int | None) -> int | N
     if last_job is not None and any(c.job_id == last_job for c in candidates):
         return last_job
     return min(c.job_id for c in candidates)
+
+
+def lease_share(wanted: int, left: int, workers: int) -> int:
+    """How many batches one lease may take: what the agent asked for (enough work to
+    hide a request's cost), but no more than half of a fair share of the batches left,
+    so that near a job's end every worker still has some."""
+    return max(1, min(wanted, left // max(1, 2 * workers)))
 
 
 def backoff(failures: int, base: float) -> float:

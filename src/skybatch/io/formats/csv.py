@@ -233,6 +233,7 @@ class CsvWriter(FileWriter):
     an empty field, lists and dicts become JSON text, numpy values numbers.
     """
 
+    concatenates = True
     kind = "csv"
     part_format = codec.CSV
     part_ext = "csv"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import posixpath
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec.core
 
@@ -202,6 +202,12 @@ class FileWriter(OutputWriter):
 
     def output_exists(self) -> bool:
         return self.directory_has_files() if self.shards else super().output_exists()
+
+    #: Whether :meth:`merge` concatenates parts (so they may lie in segments).
+    concatenates: ClassVar[bool] = False
+
+    def segments(self) -> bool:
+        return self.concatenates and not (self.shards or self._by_batch() or self._by_upload())
 
     def stage(self, job_id: int | str, parts: Sequence[Part]) -> storage.Staged:
         if self.shards:

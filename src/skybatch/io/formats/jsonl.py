@@ -65,9 +65,10 @@ class JsonReader(FileReader):
         # measured: the bound costs nothing per row.
         block = min(defaults.INDEX_CHUNK, limit + 1)
         for number, url in enumerate(self.files()):
-            planner.start_file(number, url)
-            # Plain files are range-read in place; only compressed ones are spilled.
+            # Plain files are range-read in place; only compressed ones are spilled (and
+            # parsed here: the runner's line numbers would be the spilled chunk's).
             spill = spiller if _compression(url) else None
+            planner.start_file(number, url, parse=spill is not None)
             head: list[bytes] = []  # the blocks of a line not ended yet, joined once it ends
             held = 0
             with (
@@ -301,10 +302,17 @@ class _Planner:
         self.line_no = 0  # lines of the current file consumed so far
         self.pos = 0  # byte offset of the next line in the current file
         self.open: list[int] | None = None  # [start byte, first line, rows] of a batch in progress
+        self.parse = True
 
-    def start_file(self, file: int, url: str) -> None:
-        """Batches never span files: each file's last batch may be short."""
-        self.file, self.url = file, url
+    def start_file(self, file: int, url: str, parse: bool = True) -> None:
+        """Batches never span files: each file's last batch may be short.
+
+        ``parse``: check every line of a full batch by parsing it. Without it (a plain
+        file, read in place by the workers) a full batch whose lines all start an
+        object is taken unparsed: the runner parses each batch anyway, and a malformed
+        line there fails the job naming the file and line, as here (a parse per row
+        here cost as much as the runner's own)."""
+        self.file, self.url, self.parse = file, url, parse
         self.line_no = self.pos = 0
         self.open = None
 
@@ -330,7 +338,7 @@ class _Planner:
                 and (last_terminated or n - i > size)
             ):
                 group = lines[i : i + size]
-                if _all_objects(group):
+                if _all_objects(group) if self.parse else _all_start_objects(group):
                     end = self.pos + sum(map(len, group)) + size
                     yield self._emit(self.pos, end, size, self.line_no + 1)
                     self.pos = end
@@ -362,6 +370,12 @@ class _Planner:
         return [self._emit(start, self.pos, count, first)]
 
 
+def _all_start_objects(lines: list[bytes]) -> bool:
+    """Whether every line starts a JSON object (its first byte is ``{``): one join."""
+    joined = b"\n".join(lines)
+    return joined[:1] == b"{" and joined.count(b"\n{") == len(lines) - 1
+
+
 def _all_objects(lines: list[bytes]) -> bool:
     """Whether every line is one JSON object: one parse for the lot."""
     try:
@@ -376,6 +390,7 @@ class JsonWriter(FileWriter):
     one file, or with ``shards=True`` a directory of ``part-00000.jsonl``, ...
     ``column`` selects the keys to keep (a name or a list of names)."""
 
+    concatenates = True
     kind = "jsonl"
     part_format = codec.JSONL
     part_ext = "jsonl"

@@ -50,6 +50,10 @@ class FlakyConfig(ProviderConfig):
     #: namespace of the agent's own (its worker directory is bound back), so an agent
     #: that reads or writes there instead of through the relay fails.
     hide: list[str] = Field(default_factory=list, max_length=16)
+    #: A command (argv) run in place of the agent, with its environment and the token on
+    #: its stdin; it gets the agent's own command line after ``--``, to ignore. The
+    #: benchmark's fake agents (``bench/fake_agent.py``) load the server this way.
+    agent_command: list[str] | None = Field(default=None, min_length=1, max_length=64)
 
 
 class FlakyProvider(LocalProvider):
@@ -68,8 +72,9 @@ class FlakyProvider(LocalProvider):
         return {"SKYBATCH_RELAY": "1"} if self.flaky.relay else {}
 
     def agent_prefix(self, worker: WorkerLaunch) -> list[str]:
+        replaced = [*self.flaky.agent_command, "--"] if self.flaky.agent_command else []
         if not self.flaky.hide:
-            return []
+            return replaced
         if any(not os.path.isabs(p) for p in self.flaky.hide):
             raise PoolError(f"provider.hide takes absolute paths, got {self.flaky.hide}")
         ns = ["--mount", "--propagation", "private"]
@@ -84,6 +89,7 @@ class FlakyProvider(LocalProvider):
             _HIDE,
             str(len(self.flaky.hide)),
             *self.flaky.hide,
+            *replaced,
         ]
 
     def launch(self, worker: WorkerLaunch) -> dict[str, Any]:

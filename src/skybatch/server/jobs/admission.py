@@ -88,17 +88,24 @@ class Admission:
             loaded.append(("reader", reader))
         for field, obj in loaded:
             require_absolute(field, getattr(obj, "path", None))  # a custom class's own path
-        # Claimed as spelled by output_key: through symbolic links, and a directory
-        # with what is inside it.
-        paths = await asyncio.to_thread(lambda: [output_key(w.path) for w in writers + errors])
-        disjoint(paths)
-        if reader is not None:
+
+        def check_files() -> tuple[list[str], dict[str, Any] | None]:
+            # Claimed as spelled by output_key: through symbolic links, and a directory
+            # with what is inside it.
+            keys = [output_key(w.path) for w in writers + errors]
+            disjoint(keys)
+            if reader is None:
+                return keys, None
             with spec_field("reader"):
-                await asyncio.to_thread(reader.validate)
+                reader.validate()
+                return keys, reader.fingerprint()
+
+        # One trip to a thread for all the file system calls: on a small job each trip
+        # costs about as much as the calls it makes.
+        paths, fingerprint = await asyncio.to_thread(check_files)
         spec = req.model_dump(exclude={"items"})
-        if reader is not None:
-            with spec_field("reader"):
-                spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
+        if fingerprint is not None:
+            spec["input_fingerprint"] = fingerprint
         try:
             # The claim is made in the transaction that records the job: of many
             # submits of one output, exactly one gets it.
@@ -120,11 +127,15 @@ class Admission:
                 spec["items_sha256"] = hashlib.sha256(req.items.encode()).hexdigest()
                 spec["input_fingerprint"] = await asyncio.to_thread(reader.fingerprint)
             assert reader is not None
-            if await asyncio.to_thread(reader.uses_scratch):
-                # Inside the first output's staging area: removed with the job's parts.
-                reader.scratch = storage.join(writers[0].staging_root(job_id), ".input")
+
+            def place(reader: InputReader) -> list[str]:
+                if reader.uses_scratch():
+                    # Inside the first output's staging area: removed with the job's parts.
+                    reader.scratch = storage.join(writers[0].staging_root(job_id), ".input")
+                return absent_local(writers + errors)
+
+            spec["_new_outputs"] = await asyncio.to_thread(place, reader)
             spec["reader"] = reader.to_spec()  # with the resolved file list and scratch area
-            spec["_new_outputs"] = await asyncio.to_thread(absent_local, writers + errors)
             store.set_job_spec(job_id, spec)
             await asyncio.to_thread(_prepare, writers, errors, job_id, req.overwrite)
         except BaseException:

@@ -16,25 +16,33 @@ class Leasing:
         self.ctx = ctx
 
     async def lease(self, worker_id: int, pool: str, prefetch: bool, wait: float) -> Lease | None:
+        leases = await self.lease_many(worker_id, pool, prefetch, wait, 1)
+        return leases[0] if leases else None
+
+    async def lease_many(
+        self, worker_id: int, pool: str, prefetch: bool, wait: float, limit: int
+    ) -> list[Lease]:
+        """Up to ``limit`` batches of one job (``LeaseStore.lease_many``), waiting up to
+        ``wait`` seconds for the first."""
         store, key = self.ctx.store, ("pool", pool)
         deadline = self.ctx.clock() + wait
         while True:
             # A prefetch must not take a batch that an idle worker is waiting for.
             if prefetch and self.ctx.notifier.waiting(key):
-                return None
+                return []
             now = self.ctx.clock()
-            lease = store.lease(pool, worker_id, now, defaults.LEASE_TTL)
-            if lease is not None:
-                self.ctx.notifier.notify(("job", lease.job_id))
-                return lease
+            leases = store.lease_many(pool, worker_id, now, defaults.LEASE_TTL, limit)
+            if leases:
+                self.ctx.notifier.notify(("job", leases[0].job_id))
+                return leases
             if prefetch:
-                return None
+                return []
             timeout = deadline - now
             ready_at = store.next_ready_at(pool, now)
             if ready_at is not None:
                 timeout = min(timeout, ready_at - now + 0.001)
             if timeout <= 0 or self.ctx.notifier.closed:
-                return None
+                return []
             await self.ctx.notifier.wait(key, timeout)
             # The route checked the worker; a long wait may have outlived it.
             worker = store.get_worker(worker_id)

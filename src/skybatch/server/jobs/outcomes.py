@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 from skybatch import defaults
+from skybatch.batches import Place
 from skybatch.errors import ConflictError, DiskFullError
 from skybatch.io.registry import reader_from_spec
 from skybatch.server.jobs.ending import Ending
@@ -28,21 +29,30 @@ class Outcomes:
         self.publisher = publisher
 
     async def commit(self, attempt: int) -> None:
+        if await self.commit_many([attempt]):
+            raise ConflictError(f"attempt {attempt} no longer holds its lease; discard its output")
+
+    async def commit_many(
+        self, attempts: list[int], sizes: list[list[Place] | None] | None = None
+    ) -> list[int]:
+        """Commit the attempts in one transaction; those refused (no longer holding
+        their leases: their agent discards their output)."""
         rt = self.rt
         try:
-            job = self.ctx.store.commit(attempt, self.ctx.clock())
+            jobs = self.ctx.store.commit_many(attempts, self.ctx.clock(), sizes)
         except DiskFullError as e:
             rt.state_full = str(e)  # the agent tries again; running jobs show why
             raise
         rt.state_full = None
-        if job is None:
-            raise ConflictError(f"attempt {attempt} no longer holds its lease; discard its output")
-        entries = rt.health.get(job.id, {})
-        for source in [s for s in entries if s.startswith("worker-")]:
-            del entries[source]  # an output was written and committed: it has space again
-        rt.notify(job.id)
-        if ready_to_reduce(job):
-            rt.spawn(self.publisher.reduce(job.id))
+        latest = {job.id: job for job in jobs if job is not None}
+        for job in latest.values():
+            entries = rt.health.get(job.id, {})
+            for source in [s for s in entries if s.startswith("worker-")]:
+                del entries[source]  # an output was written and committed: it has space again
+            rt.notify(job.id)
+            if ready_to_reduce(job):
+                rt.spawn(self.publisher.reduce(job.id))
+        return [a for a, job in zip(attempts, jobs, strict=True) if job is None]
 
     async def fail(self, attempt: int, kind: str, error: str, traceback: str | None) -> None:
         res = self.ctx.store.fail(
@@ -57,6 +67,11 @@ class Outcomes:
         if res is None:
             raise ConflictError(f"attempt {attempt} no longer holds its lease")
         job, exhausted = res
+        if kind == "input":
+            # A malformed input line, found by the runner's parse (the indexer took the
+            # batch unparsed): no retry mends the input, as when the indexer finds one.
+            await self.ending.fail(job.id, error)
+            return
         if exhausted is not None:
             await self._exhausted(job.id, exhausted)
         # Waiting lease requests recompute when the retried batch becomes ready.

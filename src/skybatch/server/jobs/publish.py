@@ -5,6 +5,7 @@ job committed on request (``reduce_results``)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,27 @@ from skybatch.states import JobStatus
 __all__ = ["Publisher"]
 
 log = logging.getLogger("skybatch.server")
+
+
+def for_writer(parts: list[Part], n: int) -> list[Part]:
+    """The parts as writer number ``n`` reads them: with its own place of each."""
+    return [
+        dataclasses.replace(p, place=p.places[n] if p.places and n < len(p.places) else None)
+        for p in parts
+    ]
+
+
+def lost_parts(job_id: int, writers: list[OutputWriter], parts: list[Part]) -> list[int]:
+    """The batches whose local part is missing or not the size its agent wrote.
+
+    Agents do not sync parts (see ``OutputWriter.write_part``): after a machine crash a
+    committed part may be gone or cut short, which its recorded place shows."""
+    lost: set[int] = set()
+    for n, writer in enumerate(writers):
+        if not storage.is_local(writer.staging_dir(job_id)):
+            continue  # an object store's PUT is durable once answered
+        lost.update(p.batch for p in for_writer(parts, n) if writer.part_lost(job_id, p))
+    return sorted(lost)
 
 
 class Publisher:
@@ -79,13 +101,29 @@ class Publisher:
             store.set_job_status(job_id, JobStatus.REDUCING, self.ctx.clock())
             self.rt.notify(job)
         writers = self.rt.writers(job)
-        # A scan of every batch, which a big job has by the million: not on the loop.
-        parts = await asyncio.to_thread(store.committed_parts, job_id)
         begun: list[str] = []
+
+        def publish() -> list[int]:
+            # A scan of every batch, which a big job has by the million: not on the loop,
+            # and in the publish's own thread trip, which a small job would feel.
+            parts = store.committed_parts(job_id)
+            lost = lost_parts(job_id, writers, parts)
+            if not lost:
+                self._publish(job, writers, parts, job.spec["overwrite"], begun)
+            return lost
+
         try:
-            await asyncio.to_thread(
-                self._publish, job, writers, parts, job.spec["overwrite"], begun
-            )
+            lost = await asyncio.to_thread(publish)
+            if lost:
+                moved = store.requeue_batches(job_id, lost)
+                log.warning(
+                    "job %d: the parts of %d committed batches are missing or short (lost "
+                    "in a machine crash before they reached the disk?); they run again",
+                    job_id,
+                    moved,
+                )
+                self.rt.notify(job)
+                return
         except Exception as e:
             if isinstance(e, SkyBatchError):
                 message = f"job {job_id} could not publish its output: {e}"
@@ -144,13 +182,13 @@ class Publisher:
         staged = []
         replace = replaceable(job.spec)
         try:
-            for w in writers:
+            for n, w in enumerate(writers):
                 if not (overwrite or w.path in replace) and w.output_exists():
                     raise OutputError(
                         f"output {w.path} appeared while the job ran; pass overwrite=True "
                         "to replace it"
                     )
-                staged.append(w.stage(job.id, parts))
+                staged.append(w.stage(job.id, for_writer(parts, n)))
             if job.spec.get("errors"):
                 staged.append(self._stage_errors(job))
         except BaseException:
@@ -194,15 +232,17 @@ class Publisher:
             raise ConflictError(
                 f"job {job_id} is {job.status.value}; wait for it to end or cancel it first"
             )
-        writer = next((w for w in self.rt.writers(job) if w.path == writer_spec.get("path")), None)
-        if writer is None:
+        writers = self.rt.writers(job)
+        number = next((n for n, w in enumerate(writers) if w.path == writer_spec.get("path")), None)
+        writer = None if number is None else writers[number]
+        if writer is None or number is None:
             raise ConfigError(
                 f"job {job_id} did not write {writer_spec.get('path')!r}; its outputs are "
                 f"{[w['path'] for w in job.spec['writers']]}"
             )
 
         def stage_and_publish(parts: list[Part]) -> None:
-            staged = writer.stage(job_id, parts)
+            staged = writer.stage(job_id, for_writer(parts, number))
             if isinstance(staged, storage.StagedMoves):
                 staged.keep_sources = True  # the parts stay for a resume
             try:

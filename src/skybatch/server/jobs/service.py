@@ -47,8 +47,11 @@ class JobService:
         self.get = rt.get
         self.submit = admission.submit
         self.resume = admission.resume
-        self.lease = Leasing(ctx).lease
+        leasing = Leasing(ctx)
+        self.lease = leasing.lease
+        self.lease_many = leasing.lease_many
         self.commit = outcomes.commit
+        self.commit_many = outcomes.commit_many
         self.fail = outcomes.fail
         self.handle_exhausted = outcomes.handle_exhausted
         self.cancel = ending.cancel

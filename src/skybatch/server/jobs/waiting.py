@@ -16,17 +16,34 @@ class Waiting:
         self.rt = rt
         self.ctx = rt.ctx
 
-    async def wait(self, job_id: int, version: int, timeout: float) -> JobRecord:
-        """The job once it differs from ``version`` or ends, or as it is at ``timeout``."""
-        deadline = time.monotonic() + timeout
-        job = self.rt.get(job_id)
-        while job_id in self.rt.finishing and time.monotonic() < deadline:
-            await self.ctx.notifier.wait(("job", job_id), deadline - time.monotonic())
+    async def wait(
+        self, job_id: int, version: int, timeout: float, interval: float = 0.0
+    ) -> JobRecord:
+        """The job once it differs from ``version`` or ends, or as it is at ``timeout``.
+
+        A change is answered no sooner than ``interval`` after the request came in
+        (the changes meanwhile ride along), the job's end at once: a follower that
+        wants ten updates a second need not sleep between requests and so miss the end
+        by up to a tenth of a second.
+        """
+        now = time.monotonic()
+        deadline = now + timeout
+        quiet_until = min(now + interval, deadline)
+        woken = False  # a wake-up without a new version (a health line) is news too
+        while True:
             job = self.rt.get(job_id)
-        if job.version != version or job.status.finished:
-            return job
-        await self.ctx.notifier.wait(("job", job_id), max(0.0, deadline - time.monotonic()))
-        return self.rt.get(job_id)
+            now = time.monotonic()
+            settled = job_id not in self.rt.finishing
+            changed = woken or job.version != version
+            if (
+                now >= deadline
+                or self.ctx.notifier.closed
+                or (settled and (job.status.finished or (changed and now >= quiet_until)))
+            ):
+                return job
+            until = quiet_until if settled and changed else deadline
+            await self.ctx.notifier.wait(("job", job_id), until - now)
+            woken = True
 
     async def settled(self, job_id: int) -> JobRecord:
         """The job as its owner may act on it: one whose final status is recorded but

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from skybatch.batches import BatchPlan, Part
+from skybatch.batches import BatchPlan, Part, Place
 from skybatch.states import JobStatus, PoolStatus, WorkerStatus
 from skybatch.wire import JobFields
 
@@ -297,8 +297,17 @@ class LeaseStore(abc.ABC):
     putting back what lost workers and expired leases held."""
 
     @abc.abstractmethod
+    def lease_many(
+        self, pool: str, worker_id: int, now: float, ttl: float, limit: int
+    ) -> list[Lease]:
+        """Lease up to ``limit`` ready batches of one running job on ``pool`` to
+        ``worker_id``, in batch order; fewer when the job's remaining batches, shared
+        among the pool's live workers, are fewer (the tail is not held by one worker)."""
+
     def lease(self, pool: str, worker_id: int, now: float, ttl: float) -> Lease | None:
         """Lease the next ready batch of a running job on ``pool`` to ``worker_id``."""
+        leases = self.lease_many(pool, worker_id, now, ttl, 1)
+        return leases[0] if leases else None
 
     @abc.abstractmethod
     def next_ready_at(self, pool: str, now: float) -> float | None:
@@ -311,11 +320,27 @@ class LeaseStore(abc.ABC):
         """Renew the worker's live leases; return the attempts it no longer holds."""
 
     @abc.abstractmethod
-    def commit(self, attempt: int, now: float) -> JobRecord | None:
-        """Commit the attempt's batch if it still holds the lease; the job after, or None.
+    def commit_many(
+        self,
+        attempts: Sequence[int],
+        now: float,
+        sizes: Sequence[Sequence[Place] | None] | None = None,
+    ) -> list[JobRecord | None]:
+        """Commit each attempt's batch if it still holds the lease, in one transaction;
+        per attempt, its job after the commits (or None: the attempt was refused).
+        ``sizes``: per attempt, where its parts were written (see :data:`Place`).
 
         Committing an attempt that already committed succeeds again (idempotent).
         """
+
+    @abc.abstractmethod
+    def requeue_batches(self, job_id: int, batches: Sequence[int]) -> int:
+        """Committed batches whose parts were lost run again: back to PENDING, out of
+        the job's committed counts, and a REDUCING job back to RUNNING; how many moved."""
+
+    def commit(self, attempt: int, now: float) -> JobRecord | None:
+        """Commit the attempt's batch if it still holds the lease; the job after, or None."""
+        return self.commit_many([attempt], now)[0]
 
     @abc.abstractmethod
     def fail(

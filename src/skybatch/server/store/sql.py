@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from skybatch.batches import BatchPlan, Part
+from skybatch.batches import BatchPlan, Part, Place
 from skybatch.server import scheduler
 from skybatch.server.store.base import (
     AttemptRecord,
@@ -60,6 +60,8 @@ class Connection(Protocol):
 
 
 _ACTIVE = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
+_LIVE = tuple(s.value for s in WorkerStatus if s.live)
+_LIVE_MARKS = ",".join("?" * len(_LIVE))
 
 
 #: A job's columns are named as its record's fields.
@@ -488,11 +490,35 @@ class SqlStore(Store):
 
     def committed_parts(self, job_id: int) -> list[Part]:
         rows = self._scan(
-            "SELECT idx, committed_attempt, row_start, row_count FROM batches "
+            "SELECT idx, committed_attempt, row_start, row_count, part_sizes FROM batches "
             "WHERE job_id=? AND status='COMMITTED' ORDER BY row_start",
             (job_id,),
         )
-        return [Part(r[0], r[1], r[2], r[3]) for r in rows]
+        return [
+            Part(r[0], r[1], r[2], r[3], places=tuple(orjson.loads(r[4])) if r[4] else None)
+            for r in rows
+        ]
+
+    def requeue_batches(self, job_id: int, batches: Sequence[int]) -> int:
+        with self._tx() as db:
+            moved = rows = 0
+            for idx in batches:
+                row = db.execute(
+                    "UPDATE batches SET status='PENDING', attempt=NULL, committed_attempt=NULL, "
+                    "part_sizes=NULL, ready_at=0 WHERE job_id=? AND idx=? AND status='COMMITTED' "
+                    "RETURNING row_count",
+                    (job_id, idx),
+                ).fetchone()
+                if row is not None:
+                    moved += 1
+                    rows += row[0]
+            db.execute(
+                "UPDATE jobs SET committed_batches=committed_batches-?, "
+                "committed_rows=committed_rows-?, status=?, version=version+1 "
+                "WHERE id=? AND status=?",
+                (moved, rows, JobStatus.RUNNING.value, job_id, JobStatus.REDUCING.value),
+            )
+            return moved
 
     def batch_attempts(self, job_id: int, batch: int) -> list[AttemptRecord]:
         rows = self._all(
@@ -518,41 +544,64 @@ class SqlStore(Store):
 
     # -- leases ------------------------------------------------------------------------
 
-    def lease(self, pool: str, worker_id: int, now: float, ttl: float) -> Lease | None:
+    def lease_many(
+        self, pool: str, worker_id: int, now: float, ttl: float, limit: int
+    ) -> list[Lease]:
         with self._tx() as db:
-            worker = db.execute("SELECT status FROM workers WHERE id=?", (worker_id,)).fetchone()
+            worker = db.execute(
+                "SELECT status, last_job FROM workers WHERE id=?", (worker_id,)
+            ).fetchone()
             # A long poll can outlive its worker: never hand a batch to a stopped one.
             if worker is None or not WorkerStatus(worker[0]).live:
-                return None
+                return []
             rows = db.execute(
-                "SELECT j.id, (SELECT COUNT(*) FROM batches l WHERE l.job_id=j.id "
-                "AND l.status='LEASED') FROM jobs j WHERE j.pool=? AND j.status IN (?,?) "
-                "AND EXISTS(SELECT 1 FROM batches b WHERE b.job_id=j.id AND b.status='PENDING' "
+                # The partial indexes by name: SQLite's planner would take the primary
+                # key (job_id first too) and scan every batch of the job, each lease.
+                "SELECT j.id, (SELECT COUNT(*) FROM batches l INDEXED BY batches_leased "
+                "WHERE l.job_id=j.id AND l.status='LEASED') FROM jobs j "
+                "WHERE j.pool=? AND j.status IN (?,?) AND EXISTS(SELECT 1 FROM batches b "
+                "INDEXED BY batches_pending WHERE b.job_id=j.id AND b.status='PENDING' "
                 "AND b.ready_at<=?)",
                 (pool, *_ACTIVE, now),
             ).fetchall()
             if not rows:
-                return None
-            last = db.execute("SELECT last_job FROM workers WHERE id=?", (worker_id,)).fetchone()
-            job_id = scheduler.choose_job(
-                [scheduler.Candidate(r[0], r[1]) for r in rows], last[0] if last else None
-            )
-            b = db.execute(
-                "SELECT idx, file, start, end, row_start, row_count, line FROM batches "
-                "WHERE job_id=? AND status='PENDING' AND ready_at<=? ORDER BY idx LIMIT 1",
-                (job_id, now),
+                return []
+            candidates = [scheduler.Candidate(r[0], r[1]) for r in rows]
+            job_id = scheduler.choose_job(candidates, worker[1])
+            assert job_id is not None
+            job = db.execute(
+                "SELECT generation, total_batches - splits - committed_batches - "
+                "failed_batches FROM jobs WHERE id=?",
+                (job_id,),
             ).fetchone()
+            if limit > 1:
+                leased = next(c.leased for c in candidates if c.job_id == job_id)
+                workers = db.execute(
+                    f"SELECT COUNT(*) FROM workers WHERE pool=? AND status IN ({_LIVE_MARKS})",
+                    (pool, *_LIVE),
+                ).fetchone()[0]
+                left = job[1] - leased
+                limit = scheduler.lease_share(limit, left, workers)
+            found = db.execute(
+                "SELECT idx, file, start, end, row_start, row_count, line FROM batches "
+                "INDEXED BY batches_pending WHERE job_id=? AND status='PENDING' "
+                "AND ready_at<=? ORDER BY idx LIMIT ?",
+                (job_id, now, limit),
+            ).fetchall()
             expires = now + ttl
-            attempt = self._insert(
-                db,
-                "INSERT INTO attempts(job_id, batch, worker_id, status, leased_at, expires_at) "
-                "VALUES(?,?,?,'LEASED',?,?)",
-                (job_id, b[0], worker_id, now, expires),
-            )
-            db.execute(
-                "UPDATE batches SET status='LEASED', attempt=? WHERE job_id=? AND idx=?",
-                (attempt, job_id, b[0]),
-            )
+            leases = []
+            for b in found:
+                attempt = self._insert(
+                    db,
+                    "INSERT INTO attempts(job_id, batch, worker_id, status, leased_at, "
+                    "expires_at) VALUES(?,?,?,'LEASED',?,?)",
+                    (job_id, b[0], worker_id, now, expires),
+                )
+                db.execute(
+                    "UPDATE batches SET status='LEASED', attempt=? WHERE job_id=? AND idx=?",
+                    (attempt, job_id, b[0]),
+                )
+                leases.append(Lease(attempt, job_id, BatchPlan(*b), expires, job[0]))
             db.execute(
                 "UPDATE jobs SET status='RUNNING', started_at=COALESCE(started_at, ?), "
                 "version=version+1 WHERE id=?",
@@ -562,16 +611,14 @@ class SqlStore(Store):
                 "UPDATE workers SET last_job=?, last_seen=?, idle_since=NULL WHERE id=?",
                 (job_id, now, worker_id),
             )
-            assert job_id is not None
-            generation = db.execute("SELECT generation FROM jobs WHERE id=?", (job_id,)).fetchone()[
-                0
-            ]
-            return Lease(attempt, job_id, BatchPlan(*b), expires, generation)
+            return leases
 
     def next_ready_at(self, pool: str, now: float) -> float | None:
         row = self._one(
-            "SELECT MIN(b.ready_at) FROM batches b JOIN jobs j ON j.id=b.job_id "
-            "WHERE j.pool=? AND j.status IN (?,?) AND b.status='PENDING' AND b.ready_at>?",
+            # Only batches waiting out a backoff have ready_at > 0: a small index.
+            "SELECT MIN(b.ready_at) FROM batches b INDEXED BY batches_backoff "
+            "JOIN jobs j ON j.id=b.job_id WHERE j.pool=? AND j.status IN (?,?) "
+            "AND b.status='PENDING' AND b.ready_at>0 AND b.ready_at>?",
             (pool, *_ACTIVE, now),
         )
         return row[0] if row else None
@@ -654,39 +701,59 @@ class SqlStore(Store):
         ).fetchone()
         return row
 
-    def commit(self, attempt: int, now: float) -> JobRecord | None:
+    def commit_many(
+        self,
+        attempts: Sequence[int],
+        now: float,
+        sizes: Sequence[Sequence[Place] | None] | None = None,
+    ) -> list[JobRecord | None]:
         with self._tx() as db:
-            row = self._live_attempt(db, attempt)
-            if row is None:
-                # A retried commit (the answer to the first was lost, say to a server
-                # restart) must succeed again: the agent deletes the parts of a refused one.
-                done = db.execute(
-                    "SELECT a.job_id FROM attempts a JOIN batches b ON b.job_id=a.job_id "
-                    "AND b.idx=a.batch WHERE a.id=? AND a.status='COMMITTED' "
-                    "AND b.committed_attempt=a.id",
-                    (attempt,),
-                ).fetchone()
-                if done is None:
-                    return None
-                return _job(db.execute("SELECT * FROM jobs WHERE id=?", (done[0],)).fetchone())
-            db.execute(
-                "UPDATE attempts SET status='COMMITTED', finished_at=? WHERE id=?", (now, attempt)
-            )
-            db.execute(
-                "UPDATE batches SET status='COMMITTED', committed_attempt=? "
-                "WHERE job_id=? AND idx=?",
-                (attempt, row["job_id"], row["batch"]),
-            )
-            db.execute(
-                "UPDATE jobs SET committed_batches=committed_batches+1, "
-                "committed_rows=committed_rows+?, version=version+1 WHERE id=?",
-                (row["row_count"], row["job_id"]),
-            )
-            db.execute(
-                "UPDATE workers SET batches_done=batches_done+1 WHERE id=?", (row["worker_id"],)
-            )
-            job = db.execute("SELECT * FROM jobs WHERE id=?", (row["job_id"],)).fetchone()
-            return _job(job)
+            jobs: dict[int, int | None] = {}  # per attempt, its job; None: refused
+            for n, attempt in enumerate(attempts):
+                part_sizes = sizes[n] if sizes is not None else None
+                jobs[attempt] = self._commit_one(db, attempt, now, part_sizes)
+            records = {
+                j: _job(db.execute("SELECT * FROM jobs WHERE id=?", (j,)).fetchone())
+                for j in set(jobs.values())
+                if j is not None
+            }
+            return [records.get(jobs[a] or -1) for a in attempts]
+
+    def _commit_one(
+        self, db: Connection, attempt: int, now: float, sizes: Sequence[Place] | None
+    ) -> int | None:
+        """Commit one attempt; its job's id, or None if it no longer holds its lease."""
+        row = self._live_attempt(db, attempt)
+        if row is None:
+            # A retried commit (the answer to the first was lost, say to a server
+            # restart) must succeed again: the agent deletes the parts of a refused one.
+            done = db.execute(
+                "SELECT a.job_id FROM attempts a JOIN batches b ON b.job_id=a.job_id "
+                "AND b.idx=a.batch WHERE a.id=? AND a.status='COMMITTED' "
+                "AND b.committed_attempt=a.id",
+                (attempt,),
+            ).fetchone()
+            return None if done is None else int(done[0])
+        db.execute(
+            "UPDATE attempts SET status='COMMITTED', finished_at=? WHERE id=?", (now, attempt)
+        )
+        db.execute(
+            "UPDATE batches SET status='COMMITTED', committed_attempt=?, part_sizes=? "
+            "WHERE job_id=? AND idx=?",
+            (
+                attempt,
+                None if sizes is None else orjson.dumps(list(sizes)).decode(),
+                row["job_id"],
+                row["batch"],
+            ),
+        )
+        db.execute(
+            "UPDATE jobs SET committed_batches=committed_batches+1, "
+            "committed_rows=committed_rows+?, version=version+1 WHERE id=?",
+            (row["row_count"], row["job_id"]),
+        )
+        db.execute("UPDATE workers SET batches_done=batches_done+1 WHERE id=?", (row["worker_id"],))
+        return int(row["job_id"])
 
     def _put_back(
         self,

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS batches(
   PRIMARY KEY(job_id, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batches_pending ON batches(job_id, idx) WHERE status='PENDING';
 CREATE INDEX IF NOT EXISTS batches_leased ON batches(job_id) WHERE status='LEASED';
+CREATE INDEX IF NOT EXISTS batches_backoff ON batches(job_id, ready_at)
+  WHERE status='PENDING' AND ready_at>0;
 CREATE TABLE IF NOT EXISTS attempts(
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, batch INTEGER NOT NULL,
   worker_id INTEGER NOT NULL, status TEXT NOT NULL, leased_at REAL NOT NULL,
@@ -88,6 +90,7 @@ _ADDED_COLUMNS = [
     ("jobs", "reduce_starts", "INTEGER NOT NULL DEFAULT 0"),
     ("workers", "idle_since", "REAL"),
     ("workers", "batches_done", "INTEGER NOT NULL DEFAULT 0"),
+    ("batches", "part_sizes", "TEXT"),
 ]
 
 

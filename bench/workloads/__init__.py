@@ -1,0 +1,1 @@
+"""One module per workload: NUMBER, TITLE, run(env) -> dict."""
