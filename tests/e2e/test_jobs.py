@@ -76,6 +76,24 @@ def waits_for_go_on_last_row():
 
 
 @skybatch.remote_function
+def counts_its_setups():
+    import builtins
+    import os
+
+    # Module state lives as long as the runner's process; the mapper's setup (this
+    # function's body before the loop) runs once per job.
+    builtins.skybatch_setups = getattr(builtins, "skybatch_setups", 0) + 1
+    print(f"setup {builtins.skybatch_setups} in {os.getpid()}")
+    for batch in skybatch.load():
+        skybatch.save_results(
+            [
+                {"i": item["i"], "pid": os.getpid(), "setup": builtins.skybatch_setups}
+                for item in batch
+            ]
+        )
+
+
+@skybatch.remote_function
 def prints_and_copies():
     for batch in skybatch.load():
         print(f"processing rows from {batch[0]['i']}")
@@ -478,3 +496,29 @@ def test_a_committed_part_lost_before_the_reduce_runs_its_batch_again(
         "machine crash before they reached the disk?); they run again"
     ) in log
     assert job.info().committed_batches == 3
+
+
+def test_jobs_of_one_mapper_in_a_row_share_a_runner_each_with_its_setup(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    deployment.pool("one", workers=1)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(6))
+    outs, logs = [], []
+    for n in range(3):
+        out = tmp_path / f"out{n}.jsonl"
+        job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+            counts_its_setups,
+            pool_name="one",
+            batch_size=2,
+            output=skybatch.JsonWriter(str(out)),
+        )
+        outs.append(read_jsonl(out))
+        logs.append(job.logs())
+    # One Python for the three jobs; the mapper called afresh for each.
+    pids = {r["pid"] for rows_ in outs for r in rows_}
+    assert len(pids) == 1
+    pid = pids.pop()
+    for n, rows_ in enumerate(outs):
+        assert rows_ == [{"i": i, "pid": pid, "setup": n + 1} for i in range(6)]
+        assert f"setup {n + 1} in {pid}" in logs[n]
+        assert f"setup {n + 2} in" not in logs[n]

@@ -208,6 +208,7 @@ class Agent:
         self.idle = threading.Condition(self.lock)
         self.busy = False
         self.held: set[int] = set()
+        self.held_jobs: collections.Counter[int] = collections.Counter()  # batches held, per job
         self.revoked: set[int] = set()
         self.current: Item | None = None
         self.jobs: dict[int, JobContext] = {}
@@ -341,6 +342,7 @@ class Agent:
                 items.append(item)
             with self.lock:
                 self.held.update(item.attempt for item in items)
+                self.held_jobs.update(item.job for item in items)
             # Read ahead of the runner by a quarter of a group: the next lease and its
             # reads overlap the last batches of this one.
             low = len(items) // 4
@@ -397,6 +399,25 @@ class Agent:
             raise error
         return len(data) if writer.part_is_file else None
 
+    def _idle_runner_like(
+        self, init: dict[str, Any], activate_env: str | None
+    ) -> RunnerProcess | None:
+        """A runner of an earlier job with this same mapper and formats, taken over:
+        jobs of one mapper in a row (many small ones) then start no Python each. Not
+        one whose job still has batches here: two jobs taking turns would run the
+        mapper's setup (a model's load) at every turn."""
+        with self.lock:
+            for job_id, runner in list(self.runners.items()):
+                if (
+                    self.held_jobs[job_id] <= 0
+                    and runner.init == init
+                    and runner.activate_env == activate_env
+                    and not runner.killed
+                    and runner.alive()
+                ):
+                    return self.runners.pop(job_id)
+        return None
+
     def _take_spare(self, activate_env: str | None) -> RunnerProcess:
         """A started runner for ``activate_env``: the spare when it matches and lives,
         else a new one; either way a new spare starts for the next job meanwhile."""
@@ -434,10 +455,16 @@ class Agent:
                 output = self.outputs.get(item.job)
                 if output is None:
                     output = self.outputs[item.job] = Output(defaults.LOG_BUFFER_BYTES)
-            runner = self._take_spare(job.spec.get("activate_env"))
-            runner.start(item.job, job.init, output)
+            activate_env = job.spec.get("activate_env")
+            runner = self._idle_runner_like(job.init, activate_env)
+            if runner is not None:
+                runner.next_job(item.job, output)
+            else:
+                runner = self._take_spare(activate_env)
+                runner.start(item.job, job.init, output)
             runner.generation = item.generation
-            self.runners[item.job] = runner
+            with self.lock:
+                self.runners[item.job] = runner
         assert item.payload is not None
         if item.attempt in self.revoked:
             return Outcome(error="revoked")
@@ -486,6 +513,9 @@ class Agent:
             finally:
                 with self.lock:
                     self.held.difference_update(i.attempt for i in items)
+                    self.held_jobs.subtract(i.job for i in items)
+                    for job_id in [j for j, n in self.held_jobs.items() if n <= 0]:
+                        del self.held_jobs[job_id]
             if last:
                 return
 
@@ -667,9 +697,12 @@ class Agent:
                     )
                     runner.stop(defaults.KILL_GRACE)
             active = set(reply["active_jobs"])
-            for job_id in [j for j in self.runners if j not in active]:
+            for job_id in [j for j in list(self.runners) if j not in active]:
                 if current is None or current.job != job_id:
-                    self.runners.pop(job_id).close()
+                    with self.lock:  # the main thread may have taken it for another job
+                        runner = self.runners.pop(job_id, None)
+                    if runner is not None:
+                        runner.close()
                     self.jobs.pop(job_id, None)
 
     def _log_loop(self) -> None:

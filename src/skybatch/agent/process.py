@@ -269,6 +269,7 @@ class RunnerProcess:
     def __init__(self, activate_env: str | None, worker_dir: Path) -> None:
         self.activate_env = activate_env
         self.job_id: int | None = None
+        self.init: dict[str, Any] | None = None
         self.generation = 0  # the job's generation this runner's mapper belongs to
         self.killed = False
         # Until it has a job, what it prints (an activate_env's chatter) waits here.
@@ -316,6 +317,7 @@ class RunnerProcess:
     def start(self, job_id: int, init: dict[str, Any], output: Output) -> None:
         """Give the runner its job: the mapper to load, and where its output goes."""
         self.job_id = job_id
+        self.init = init
         self._output.adopt(output)
         try:
             write_frame(self._to, {"type": "init", **init})
@@ -330,6 +332,18 @@ class RunnerProcess:
         elif msg[0]["type"] != "ready":
             self.start_error = f"the mapper could not be loaded: {msg[0].get('traceback')}"
             self.close()
+
+    def next_job(self, job_id: int, output: Output) -> None:
+        """Serve another job whose init is this one's: the mapper ends its loop and is
+        called again (its setup runs again); the process, its imports and whatever its
+        modules cache stay, so a short job does not start a Python."""
+        self._output.drain()
+        self.job_id = job_id
+        self._output.adopt(output)
+        try:
+            write_frame(self._to, {"type": "end"})
+        except OSError:
+            self.start_error = "the runner exited between jobs"
 
     def alive(self) -> bool:
         return self.start_error is None and self.proc.poll() is None

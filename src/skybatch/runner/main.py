@@ -9,7 +9,8 @@ user code ends this process, never the agent.
 Frame: 8 bytes (header length, payload length, big-endian), a JSON header, a payload.
 
 agent -> runner: ``init`` (mapper source and output formats), ``batch`` (payload:
-the batch's raw input), end of file to stop.
+the batch's raw input), ``end`` (the job is over; the next batches are another job's
+with the same init: the mapper is called again for them), end of file to stop.
 runner -> agent: ``ready``, ``result`` (payload: one part per writer,
 concatenated, sizes in the header), ``error`` (message and traceback).
 """
@@ -146,6 +147,10 @@ class Session:
                 self.eof = True
                 return
             header, payload = msg
+            if header["type"] == "end":
+                # The job is over here and the next one has this same mapper: the mapper
+                # returns, and is called afresh for the next job's batches.
+                return
             try:
                 rows = self.decode(payload)
             except _codec.BadLine as e:
