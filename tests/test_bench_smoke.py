@@ -8,15 +8,12 @@ contenders agreed on the rows, and that the numbers are positive. Ray's start al
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.helpers import Deployment
 
@@ -77,10 +74,6 @@ def test_smoke_run_measures_every_contender(tmp_path: Path) -> None:
     assert list(tmp_path.glob("skybatch-bench-*")) == []  # the scratch directory was removed
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None or importlib.util.find_spec("pandas") is None,
-    reason="Ray Data is not installed (pip install 'skybatch[bench]')",
-)
 def test_smoke_run_with_ray_data(tmp_path: Path) -> None:
     report = run_bench(tmp_path, "--contenders", "ray,loop", "--workloads", "1")
     w1 = report["workloads"][0]

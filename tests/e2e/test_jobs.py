@@ -522,3 +522,33 @@ def test_jobs_of_one_mapper_in_a_row_share_a_runner_each_with_its_setup(
         assert rows_ == [{"i": i, "pid": pid, "setup": n + 1} for i in range(6)]
         assert f"setup {n + 1} in {pid}" in logs[n]
         assert f"setup {n + 2} in" not in logs[n]
+
+
+def test_reduce_results_leaves_out_a_lost_part_and_says_its_rows_are_missing(
+    shared: Deployment, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    data = write_jsonl(
+        tmp_path / "data.jsonl", [{"i": i, "last": 29, "go": str(go)} for i in range(30)]
+    )
+    out = tmp_path / "out.jsonl"
+    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        waits_for_go_on_last_row,
+        pool_name="pool",
+        batch_size=10,
+        stream=False,
+        output=skybatch.JsonWriter(str(out)),
+    )
+    try:
+        wait_for(lambda: job.info().committed_batches == 2, message="two batches committed")
+        segments = [p for p in (tmp_path / ".skybatch").rglob("segment.*.jsonl") if p.is_file()]
+        first = [p for p in segments if p.read_bytes().startswith(b'{"i":0}')]
+        assert len(first) == 1
+        with open(first[0], "r+b") as f:
+            f.truncate(5)  # as a machine crash before writeback would leave it
+        job.cancel()
+        result = skybatch.JsonWriter(str(out)).reduce_results(job_id=job.job_id)
+    finally:
+        go.touch()
+    assert result == {"path": str(out), "rows": 10, "missing": [[0, 9], [20, 29]]}
+    assert [r["i"] for r in read_jsonl(out)] == list(range(10, 20))

@@ -198,3 +198,32 @@ def test_a_staging_root_planted_by_someone_else_is_refused(tmp_path: Path) -> No
         "another output directory"
     )
     assert os.listdir(area) == []
+
+
+def test_moved_parts_reach_the_disk_before_they_are_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts are written unsynced; a shard or image published by a rename must be synced
+    # first, or a crash after the job's success could leave it empty.
+    staging = tmp_path / "staging"
+    (staging / "images").mkdir(parents=True)
+    (staging / "a.jsonl").write_bytes(b'{"a":1}\n')
+    (staging / "images" / "0.png").write_bytes(b"png")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    moves = [
+        (str(staging / "a.jsonl"), str(out / "part-00000.jsonl")),
+        (str(staging / "images"), str(out / "images")),
+    ]
+    storage.StagedMoves(str(out), moves, None).publish()
+    assert sorted(synced) == [str(staging / "a.jsonl"), str(staging / "images" / "0.png")]
+    assert (out / "part-00000.jsonl").read_bytes() == b'{"a":1}\n'
+    assert (out / "images" / "0.png").read_bytes() == b"png"

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from skybatch import defaults
+from skybatch.agent import http
 from skybatch.agent.process import Outcome, Output, RunnerProcess
 from skybatch.batches import BatchPlan, Place, lease_from_wire
 from skybatch.config import Home, forbid_inspection, pinned_context
@@ -86,12 +85,12 @@ class ServerLink:
     def __init__(self, url: str, token: str, home: Home | None, cert: str | None = None) -> None:
         self.token = token
         self.home = home
-        self._verify: ssl.SSLContext | bool = pinned_context(cert) if cert else True
+        self._verify: ssl.SSLContext | None = pinned_context(cert) if cert else None
         self._lock = threading.Lock()
         self._client = self._make(url)
 
-    def _make(self, url: str) -> httpx.Client:
-        if url.startswith("https://") and self._verify is True:
+    def _make(self, url: str) -> http.Client:
+        if url.startswith("https://") and self._verify is None:
             raise AgentExit(f"the server at {url} serves HTTPS, but no certificate was given")
         headers = {"Authorization": f"Bearer {self.token}"}
         # The server answers only the Host it serves on; a provider whose URL names
@@ -101,16 +100,12 @@ class ServerLink:
             headers["Host"] = os.environ["SKYBATCH_AGENT_SERVER_HOST"]
         # Through the SSH provider's tunnel the server is a Unix socket on this host that
         # only our user can reach; the URL still names the server, for its Host check.
-        socket_path = os.environ.get("SKYBATCH_SERVER_SOCKET")
-        transport = (
-            httpx.HTTPTransport(uds=socket_path, verify=self._verify) if socket_path else None
-        )
-        return httpx.Client(
-            base_url=url,
-            headers=headers,
-            timeout=httpx.Timeout(30.0, connect=5.0),
-            verify=self._verify,
-            transport=transport,
+        return http.Client(
+            url,
+            headers,
+            timeout=30.0,
+            context=self._verify,
+            uds=os.environ.get("SKYBATCH_SERVER_SOCKET") or None,
         )
 
     def _rediscover(self) -> None:
@@ -124,13 +119,13 @@ class ServerLink:
                 if str(self._client.base_url).rstrip("/") != url.rstrip("/"):
                     self._client = self._make(url)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def call(self, method: str, path: str, **kwargs: Any) -> http.Response:
         down_since: float | None = None
         delay = 0.05
         while True:
             try:
                 response = self._client.request(method, path, **kwargs)
-            except httpx.TransportError as e:
+            except http.TransportError as e:
                 if _wrong_certificate(e):
                     # Not the server this agent was given: waiting will not make it so.
                     raise AgentExit(
@@ -156,7 +151,7 @@ class ServerLink:
         """One request, no retries (for what is best effort): its status, or None."""
         try:
             return self._client.request(method, path, timeout=timeout, **kwargs).status_code
-        except httpx.HTTPError:
+        except http.TransportError:
             return None
 
 
@@ -762,7 +757,7 @@ class Agent:
         return True
 
 
-def _message(r: httpx.Response) -> str:
+def _message(r: http.Response) -> str:
     """The one-line error of a refused request."""
     try:
         return str(r.json()["error"]["message"])

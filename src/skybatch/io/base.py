@@ -19,7 +19,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, ClassVar, cast
 
 from skybatch.batches import BatchPlan, Part
@@ -498,7 +498,7 @@ class OutputWriter(_WriterFields):
             if storage.is_local(url):
                 with open(url, "rb") as f:
                     f.seek(offset)
-                    yield cast(IO[bytes], _Range(f, size))
+                    yield cast(IO[bytes], _Range(f, size, url))
             else:
                 data = storage.read_range(url, offset, offset + size, self.storage_options)
                 yield io.BytesIO(data)
@@ -625,6 +625,8 @@ class OutputWriter(_WriterFields):
         """
         staged = self.staged_file(job_id)
         header: bytes | None = None
+        if not skip_first_line:
+            parts = _coalesced(parts)
         try:
             with staged.open() as out:
                 for part in parts:
@@ -660,24 +662,51 @@ class OutputWriter(_WriterFields):
         return storage.StagedMoves(self.path, moves, self.storage_options)
 
 
-class _Range:
-    """The next ``size`` bytes of an open file, read as a file of their own."""
+def _coalesced(parts: Sequence[Part]) -> list[Part]:
+    """Parts that follow each other in one segment as one range (a lease's batches are
+    consecutive, so a million-row job's thousand parts are read as a few ranges)."""
+    out: list[Part] = []
+    for part in parts:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and isinstance(last.place, list)
+            and isinstance(part.place, list)
+            and part.place[0] == last.place[0]
+            and part.place[1] == last.place[1] + last.place[2]
+        ):
+            segment, offset, size = last.place
+            out[-1] = replace(last, place=[segment, offset, size + part.place[2]])
+        else:
+            out.append(part)
+    return out
 
-    def __init__(self, f: IO[bytes], size: int) -> None:
+
+class _Range:
+    """The next ``size`` bytes of an open file, read as a file of their own; a file
+    that ends before them is an error, never a part cut short in an output."""
+
+    def __init__(self, f: IO[bytes], size: int, url: str) -> None:
         self._f = f
         self._left = size
+        self._url = url
+
+    def _took(self, data: bytes, wanted: int) -> bytes:
+        if wanted and not data:
+            raise OutputError(
+                f"part {self._url} ends {self._left} bytes short of what its agent wrote "
+                "(lost in a machine crash?); resume the job to run its batches again"
+            )
+        self._left -= len(data)
+        return data
 
     def read(self, n: int = -1) -> bytes:
         n = self._left if n < 0 else min(n, self._left)
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
+        return self._took(self._f.read(n), n)
 
     def readline(self, limit: int = -1) -> bytes:
         limit = self._left if limit < 0 else min(limit, self._left)
-        data = self._f.readline(limit)
-        self._left -= len(data)
-        return data
+        return self._took(self._f.readline(limit), limit)
 
 
 class _Replay:

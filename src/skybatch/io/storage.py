@@ -238,6 +238,19 @@ def create_local(path: str, url: str) -> int:
         ) from None
 
 
+def _fsync_path(path: str) -> None:
+    """Sync a local file's data (or a directory of files, each) to disk."""
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            _fsync_path(os.path.join(path, name))
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str) -> None:
     """Make the names created in or renamed into local directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -442,7 +455,10 @@ class StagedMoves:
                     if self.keep_sources:
                         _copy_synced(src, dst)
                     else:
-                        os.replace(src, dst)  # the parts were synced when written
+                        # Parts are not synced when written (io/base.py write_part):
+                        # on disk before the rename publishes them.
+                        _fsync_path(src)
+                        os.replace(src, dst)
                 for target in sorted(targets):
                     fsync_dir(target)
                 fsync_dir(os.path.dirname(self.directory))

@@ -122,6 +122,11 @@ class Publisher:
                     job_id,
                     moved,
                 )
+                # Shown with the job (its progress went back) until it ends.
+                self.rt.health.setdefault(job_id, {})["requeued"] = (
+                    f"the parts of {moved} committed batches were missing or short (lost in "
+                    "a machine crash?): those batches run again"
+                )
                 self.rt.notify(job)
                 return
         except Exception as e:
@@ -258,6 +263,10 @@ class Publisher:
         try:
             # Read once the job is ours: a resume is refused until the reduce ends.
             parts = await asyncio.to_thread(self.ctx.store.committed_parts, job_id)
+            # A part lost or cut short (parts are not synced) is left out, and its rows
+            # reported missing: never a broken line in the output.
+            lost = set(await asyncio.to_thread(lost_parts, job_id, writers, parts))
+            parts = [p for p in parts if p.batch not in lost]
             await asyncio.to_thread(stage_and_publish, parts)
             # Read and written with no await between: a resume (on this loop) cannot
             # reopen the job in the middle and lose its new spec.

@@ -570,11 +570,14 @@ class SqlStore(Store):
             job_id = scheduler.choose_job(candidates, worker[1])
             assert job_id is not None
             job = db.execute(
-                "SELECT generation, total_batches - splits - committed_batches - "
-                "failed_batches FROM jobs WHERE id=?",
+                "SELECT generation, total_batches - committed_batches - failed_batches "
+                "FROM jobs WHERE id=?",
                 (job_id,),
             ).fetchone()
-            if limit > 1:
+            if worker[1] != job_id:
+                # The agent sized its ask by another job's batch times: one batch first.
+                limit = 1
+            elif limit > 1:
                 leased = next(c.leased for c in candidates if c.job_id == job_id)
                 workers = db.execute(
                     f"SELECT COUNT(*) FROM workers WHERE pool=? AND status IN ({_LIVE_MARKS})",
