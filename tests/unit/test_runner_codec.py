@@ -52,6 +52,10 @@ def test_integers_past_64_bits_stay_exact(impl: types.ModuleType) -> None:
     big = 2**70 + 1
     rows = impl.DECODERS[impl.JSONL](f'{{"id": {big}}}\n{{"id": -{big}}}\n'.encode())
     assert rows == [{"id": big}, {"id": -big}]
+    # 19 digits, below -2**63: orjson would read it as a float too.
+    assert impl.DECODERS[impl.JSONL](b'{"id": -9300000000000000001}\n') == [
+        {"id": -9300000000000000001}
+    ]
     assert impl.encode_part(rows, JSONL, {}) == f'{{"id":{big}}}\n{{"id":-{big}}}\n'.encode()
 
 
@@ -90,3 +94,13 @@ def test_a_value_json_cannot_hold_names_row_and_key(impl: types.ModuleType) -> N
         impl.encode_part(rows, JSONL, {})
     assert e.value.row == 1
     assert "key 'when': a datetime.datetime cannot be written to JSON" in str(e.value)
+
+
+def test_nan_is_not_json_either_way(impl: types.ModuleType) -> None:
+    # Read: refused, naming the line, as the indexer refuses it.
+    with pytest.raises(impl.BadLine, match=r"not valid JSON") as e:
+        impl.DECODERS[impl.JSONL](b'{"a": 1}\n{"a": NaN}\n')
+    assert e.value.line == 1
+    # Written: null, with orjson or without.
+    rows = [{"n": float("nan"), "l": [float("inf"), 1.5], "x": np.float64("-inf")}]
+    assert impl.encode_part(rows, JSONL, {}) == b'{"n":null,"l":[null,1.5],"x":null}\n'

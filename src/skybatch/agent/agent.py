@@ -415,15 +415,12 @@ class Agent:
 
     def _take_spare(self, activate_env: str | None) -> RunnerProcess:
         """A started runner for ``activate_env``: the spare when it matches and lives,
-        else a new one; either way a new spare starts for the next job meanwhile."""
+        else a new one."""
         spare, self.spare = self.spare, None
         if spare is not None and (spare.activate_env != activate_env or not spare.alive()):
-            spare.close(0)
+            spare.retire()
             spare = None
-        runner = spare or RunnerProcess(activate_env, self.workdir)
-        if not self.stop.is_set():
-            self.spare = RunnerProcess(activate_env, self.workdir)
-        return runner
+        return spare or RunnerProcess(activate_env, self.workdir)
 
     def _timed(self, item: Item) -> None:
         """Fold a batch's runner time into the averages that size the next lease."""
@@ -452,11 +449,12 @@ class Agent:
                     output = self.outputs[item.job] = Output(defaults.LOG_BUFFER_BYTES)
             activate_env = job.spec.get("activate_env")
             runner = self._idle_runner_like(job.init, activate_env)
-            if runner is not None:
-                runner.next_job(item.job, output)
-            else:
+            if runner is None or not runner.next_job(item.job, output):
                 runner = self._take_spare(activate_env)
                 runner.start(item.job, job.init, output)
+                if not self.stop.is_set():
+                    # Started once this one has (activate_env done): never two at once.
+                    self.spare = RunnerProcess(activate_env, self.workdir)
             runner.generation = item.generation
             with self.lock:
                 self.runners[item.job] = runner

@@ -23,6 +23,10 @@ RUNNER_PATH = runner_script.__file__
 
 #: What a spare runner may print before it has a job (kept for that job's log).
 LOG_LIMIT_UNTIL_STARTED = 1 << 20
+#: How long a runner taken over by the next job may take to finish the last one.
+END_WAIT = 30.0
+#: How long a spare no job wants may take to start (and so to exit) before it is killed.
+RETIRE_WAIT = 600.0
 
 
 @dataclass
@@ -161,11 +165,12 @@ class _OutputPipe:
         """Take in everything written so far (the runner wrote it before its last frame)."""
         self._read_once()
 
-    def adopt(self, output: Output) -> None:
-        """From now on copy into ``output``, after what was held until now."""
+    def adopt(self, output: Output, keep_held: bool) -> None:
+        """From now on copy into ``output``; ``keep_held``: what the one until now holds
+        (a spare's, before it had a job) goes first into the new one."""
         with self._lock:
             held, self.output = self.output, output
-            while True:
+            while keep_held:
                 data, _ = held.take(1 << 20)
                 if not data:
                     break
@@ -318,7 +323,7 @@ class RunnerProcess:
         """Give the runner its job: the mapper to load, and where its output goes."""
         self.job_id = job_id
         self.init = init
-        self._output.adopt(output)
+        self._output.adopt(output, keep_held=True)
         try:
             write_frame(self._to, {"type": "init", **init})
             msg = read_frame(self._from)
@@ -333,17 +338,24 @@ class RunnerProcess:
             self.start_error = f"the mapper could not be loaded: {msg[0].get('traceback')}"
             self.close()
 
-    def next_job(self, job_id: int, output: Output) -> None:
-        """Serve another job whose init is this one's: the mapper ends its loop and is
-        called again (its setup runs again); the process, its imports and whatever its
-        modules cache stay, so a short job does not start a Python."""
-        self._output.drain()
-        self.job_id = job_id
-        self._output.adopt(output)
+    def next_job(self, job_id: int, output: Output) -> bool:
+        """Serve another job whose init is this one's: the mapper ends its loop (what it
+        does after it is the old job's, in its log) and a fresh one, in a new namespace,
+        takes the new job's batches; the process and its imports stay, so a short job
+        starts no Python. False if the runner did not get there: use another."""
         try:
             write_frame(self._to, {"type": "end"})
+            answered = select.select([self._from], [], [], END_WAIT)[0]
+            msg = read_frame(self._from) if answered else None
         except OSError:
-            self.start_error = "the runner exited between jobs"
+            msg = None
+        self._output.drain()
+        if msg is None or msg[0]["type"] != "ended":
+            self.kill()
+            return False
+        self.job_id = job_id
+        self._output.adopt(output, keep_held=False)  # the old job's stays its own
+        return True
 
     def alive(self) -> bool:
         return self.start_error is None and self.proc.poll() is None
@@ -434,6 +446,23 @@ class RunnerProcess:
         timer = threading.Timer(grace, kill_if_running)
         timer.daemon = True
         timer.start()
+
+    def retire(self) -> None:
+        """A spare not wanted: its input ends, so it exits once started (an
+        ``activate_env`` in progress, an install say, is not cut short)."""
+        with contextlib.suppress(OSError):
+            self._to.close()
+
+        def reap() -> None:
+            try:
+                self.proc.wait(timeout=RETIRE_WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.proc.wait()
+            with contextlib.suppress(OSError):
+                self._from.close()
+
+        threading.Thread(target=reap, name="retire-runner", daemon=True).start()
 
     def close(self, grace: float = 3.0) -> None:
         """Let the runner finish (end of input), then kill it if it lingers."""

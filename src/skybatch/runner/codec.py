@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import pickle
 import struct
 from collections.abc import Callable
@@ -159,8 +160,28 @@ def _row_problem(row: dict[str, Any], output: str, allow_bytes: bool) -> str:
     return f"cannot be written to {output}"
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, as orjson writes them (JSON has none)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if _is_numpy(value) and hasattr(value, "tolist"):
+        return _finite(value.tolist())
+    return value
+
+
 def _dumps_std(row: dict[str, Any]) -> bytes:
-    line = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    try:
+        line = json.dumps(
+            row, ensure_ascii=False, separators=(",", ":"), default=_json_default, allow_nan=False
+        )
+    except ValueError:
+        line = json.dumps(
+            _finite(row), ensure_ascii=False, separators=(",", ":"), default=_json_default
+        )
     return (line + "\n").encode()
 
 
@@ -333,14 +354,22 @@ def encode_part(
     raise ValueError(f"unknown part format {fmt!r}")
 
 
-#: Digits to "0", all else to " ": a run of 20 digits (a number orjson would turn into a
-#: float: past 64 bits) is then one ``find``, a few microseconds per batch.
-_DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+#: Digits to "0", "-" kept, all else to " ": a number orjson would turn into a float
+#: (past 64 bits: 20 digits, or "-" and 19) is then a ``find`` or two, a few microseconds
+#: per batch.
+_DIGITS = bytes(48 if 48 <= b <= 57 else 45 if b == 45 else 32 for b in range(256))
 _LONG_NUMBER = b"0" * 20
+_LONG_NEGATIVE = b"-" + b"0" * 19
+
+
+def _no_constant(name: str) -> Any:
+    # JSON has no NaN or Infinity: refused, as the indexer's parse (orjson) refuses them.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _decode_jsonl(payload: bytes) -> list[dict[str, Any]]:
-    if orjson is not None and payload.translate(_DIGITS).find(_LONG_NUMBER) < 0:
+    digits = payload.translate(_DIGITS) if orjson is not None else b""
+    if orjson is not None and digits.find(_LONG_NUMBER) < 0 and digits.find(_LONG_NEGATIVE) < 0:
         body = payload.rstrip()
         try:
             # One parse for the batch; the line by line way below finds what it refuses
@@ -358,7 +387,7 @@ def _decode_jsonl(payload: bytes) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=_no_constant)
         except ValueError as e:
             raise BadLine(n, f"not valid JSON ({e})") from None
         if type(value) is not dict:

@@ -11,8 +11,9 @@ Frame: 8 bytes (header length, payload length, big-endian), a JSON header, a pay
 agent -> runner: ``init`` (mapper source and output formats), ``batch`` (payload:
 the batch's raw input), ``end`` (the job is over; the next batches are another job's
 with the same init: the mapper is called again for them), end of file to stop.
-runner -> agent: ``ready``, ``result`` (payload: one part per writer,
-concatenated, sizes in the header), ``error`` (message and traceback).
+runner -> agent: ``ready``, ``ended`` (after an ``end``: the mapper has returned),
+``result`` (payload: one part per writer, concatenated, sizes in the header), ``error``
+(message and traceback).
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class Session:
         self.current: _Batch | None = None
         self.pending: tuple[dict[str, Any], bytes] | None = None
         self.eof = False
+        self.ended = False  # an ``end`` frame ended the mapper's loop
         self.loaded_any = False
 
     def next_message(self) -> tuple[dict[str, Any], bytes] | None:
@@ -148,8 +150,9 @@ class Session:
                 return
             header, payload = msg
             if header["type"] == "end":
-                # The job is over here and the next one has this same mapper: the mapper
-                # returns, and is called afresh for the next job's batches.
+                # The job is over here and the next one has this same mapper: the
+                # mapper's loop ends, and the next job's batches go to a fresh mapper.
+                self.ended = True
                 return
             try:
                 rows = self.decode(payload)
@@ -322,9 +325,27 @@ def main() -> int:
         return 1
     write_frame(wfile, {"type": "ready", "python": sys.version.split()[0], "pid": os.getpid()})
 
+    def job_over(error: BaseException | None) -> None:
+        """An ``end`` frame came: what the mapper did after its loop belongs to the job
+        that ended (its log); the next job gets the mapper afresh, in a new namespace
+        (the script's globals as shipped), and only the process and its imports stay."""
+        nonlocal fn, filename
+        if error is not None:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        session.current = None
+        fn, filename = _compile_mapper(init, session)
+        write_frame(wfile, {"type": "ended"})
+        # The new job's mapper starts (its setup prints) only once its first batch came,
+        # which the agent sends after it points this runner's output at the new job.
+        session.pending = read_frame(rfile)
+        session.eof = session.pending is None
+
     while not session.eof:
         session.current = None
         session.loaded_any = False
+        session.ended = False
         error: BaseException | None = None
         try:
             fn()
@@ -334,6 +355,9 @@ def main() -> int:
             error = e
         sys.stdout.flush()
         sys.stderr.flush()
+        if session.ended:
+            job_over(error)
+            continue
         cur = session.current
         if error is None and cur is not None and not cur.saved:
             error = MapperContractError(
@@ -344,6 +368,9 @@ def main() -> int:
             msg = session.next_message()
             if msg is None:
                 break
+            if msg[0]["type"] == "end":
+                job_over(None)
+                continue
             session.current = _Batch(msg[0]["index"], msg[0]["row_start"], [])
             error = MapperContractError(
                 "the mapper returned without calling skybatch.load(); "
@@ -357,6 +384,9 @@ def main() -> int:
                 if msg is None:
                     traceback.print_exception(type(error), error, error.__traceback__)
                     return 1
+                if msg[0]["type"] == "end":
+                    job_over(error)  # no batch of that job left here to charge
+                    continue
                 cur = _Batch(msg[0]["index"], msg[0]["row_start"], [])
             if isinstance(error, InputLineError):
                 write_frame(
