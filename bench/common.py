@@ -89,23 +89,30 @@ class Env:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def stop_ray(self) -> None:
+        """Stop the local Ray, if started: its daemons and the driver's threads take CPU
+        even when idle (a third of a core here), which must not weigh on the other
+        contenders. The next `ray()` starts it again."""
+        if self._ray_started:
+            import ray
+
+            ours = psutil.Process().children(recursive=True)
+            ray.shutdown()
+            self._ray_started = False
+            # Ray's daemons outlive shutdown() a moment and write into their temp dir:
+            # removed before they end, it would come back.
+            psutil.wait_procs(ours, timeout=15)
+        if self._ray_tmp is not None and not self.keep:
+            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+            self._ray_tmp = None
+
     def close(self) -> None:
         try:
             if self._skybatch is not None:
                 self._skybatch.stop()
                 self._skybatch = None
         finally:
-            if self._ray_started:
-                import ray
-
-                ours = psutil.Process().children(recursive=True)
-                ray.shutdown()
-                self._ray_started = False
-                # Ray's daemons outlive shutdown() a moment and write into their temp dir:
-                # removed before they end, it would come back.
-                psutil.wait_procs(ours, timeout=15)
-            if self._ray_tmp is not None and not self.keep:
-                shutil.rmtree(self._ray_tmp, ignore_errors=True)
+            self.stop_ray()
 
 
 class SkybatchSession:
@@ -204,23 +211,27 @@ def interleaved(
     """Sets up each selected contender (its setup returns the call to time; one that raises
     `Unavailable` is recorded as skipped), then times the calls in rounds, one of each contender
     per round, so that the load of whatever else runs on the machine weighs on all of them
-    alike; returns each contender's `result`."""
+    alike; Ray's repeats come after the others' rounds, with Ray stopped after them (its idle
+    daemons would slow the others); returns each contender's `result`."""
     results: dict[str, dict[str, Any]] = {}
-    calls: dict[str, Callable[[], Any]] = {}
-    for name, setup in setups.items():
-        if name not in env.contenders:
-            continue
-        try:
-            calls[name] = setup()
-            results[name] = {}
-        except Unavailable as e:
-            results[name] = {"skipped": str(e)}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats or env.repeats):
-        for name, call in calls.items():
-            times[name].append(timed(call)[0])
-    for name in calls:
-        results[name] = result(times[name], rows)
+    # Ray alone runs after the others' rounds, and is stopped then (see Env.stop_ray).
+    for group in ([n for n in setups if n != "ray"], [n for n in setups if n == "ray"]):
+        calls: dict[str, Callable[[], Any]] = {}
+        for name in group:
+            if name not in env.contenders:
+                continue
+            try:
+                calls[name] = setups[name]()
+                results[name] = {}
+            except Unavailable as e:
+                results[name] = {"skipped": str(e)}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(repeats or env.repeats):
+            for name, call in calls.items():
+                times[name].append(timed(call)[0])
+        for name in calls:
+            results[name] = result(times[name], rows)
+    env.stop_ray()
     return results
 
 
@@ -236,6 +247,8 @@ def contenders(
             results[name] = fn()
         except Unavailable as e:
             results[name] = {"skipped": str(e)}
+        if name == "ray":
+            env.stop_ray()
     return results
 
 

@@ -552,3 +552,22 @@ def test_reduce_results_leaves_out_a_lost_part_and_says_its_rows_are_missing(
         go.touch()
     assert result == {"path": str(out), "rows": 10, "missing": [[0, 9], [20, 29]]}
     assert [r["i"] for r in read_jsonl(out)] == list(range(10, 20))
+
+
+@skybatch.remote_function
+def reports_threads():
+    import os
+
+    for batch in skybatch.load():
+        skybatch.save_results([{"omp": os.environ.get("OMP_NUM_THREADS")} for _ in batch])
+
+
+def test_workers_share_the_cores_for_numeric_threads(shared: Deployment, tmp_path: Path) -> None:
+    # Left alone, each of the 3 workers' torch would take every core of the machine.
+    data = write_jsonl(tmp_path / "data.jsonl", rows(3))
+    out = tmp_path / "out.jsonl"
+    skybatch.Dataset(skybatch.JsonReader(str(data))).map(
+        reports_threads, pool_name="pool", batch_size=1, output=skybatch.JsonWriter(str(out))
+    )
+    share = str(max(1, (os.cpu_count() or 1) // 3))
+    assert read_jsonl(out) == [{"omp": share}] * 3

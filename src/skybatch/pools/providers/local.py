@@ -46,6 +46,18 @@ class LocalConfig(ProviderConfig):
     type: Literal["local"] = "local"
 
 
+#: The variables numeric libraries (OpenMP: torch, numpy's BLAS) size their thread pools by.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def thread_env(env: dict[str, str], workers: int) -> dict[str, str]:
+    """The machine's cores shared among the pool's workers for their numeric libraries'
+    threads, unless the pool's envs (or the server's environment) set them: left alone,
+    each worker's torch takes every core and ``workers`` of them fight over each one."""
+    share = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    return {name: share for name in THREAD_VARIABLES if name not in env}
+
+
 class LocalProvider(Provider):
     """Workers are agent processes, each in its own session and working directory."""
 
@@ -95,6 +107,7 @@ class LocalProvider(Provider):
         env.update(worker.spec.envs)
         if placed:
             env.update(gpus.cuda_env(placed))  # what was placed wins over the envs
+        env.update(thread_env(env, worker.spec.workers))
         env.pop("SKYBATCH_TOKEN", None)
         env.update(
             SKYBATCH_HOME=str(worker.home.root),
