@@ -210,6 +210,8 @@ class Agent:
         self.runners: dict[int, RunnerProcess] = {}
         #: A runner started ahead of its job (see RunnerProcess), for the next one.
         self.spare: RunnerProcess | None = None
+        #: A finished job's runner, its mapper ended, for a next job of the same mapper.
+        self.idle_runner: RunnerProcess | None = None
         # Each job's runner output, until shipped; outlives the job's runners.
         self.outputs: dict[int, Output] = {}
         self.outputs_lock = threading.Lock()
@@ -272,7 +274,8 @@ class Agent:
             with contextlib.suppress(queue.Full):
                 self.done.put_nowait(None)
             committer.join(timeout=5)
-            for r in [*self.runners.values(), *([self.spare] if self.spare else [])]:
+            extra = [r for r in (self.spare, self.idle_runner) if r is not None]
+            for r in [*self.runners.values(), *extra]:
                 r.kill()
             self._ship_logs(force=True)
         if self.failure is not None and not isinstance(self.failure, AgentExit):
@@ -394,6 +397,22 @@ class Agent:
             raise error
         return len(data) if writer.part_is_file else None
 
+    def _keep_idle(self, runner: RunnerProcess) -> None:
+        """A finished job's runner: its mapper ended, kept for the next job of the same
+        mapper (one at a time; the one kept before goes)."""
+        try:
+            kept = not runner.killed and runner.alive() and runner.finish()
+        except Exception as e:  # nothing here may end the agent: the runner just goes
+            _say(f"a finished job's runner could not be kept: {e!r}")
+            kept = False
+        if not kept or self.stop.is_set():
+            runner.close(0)
+            return
+        with self.lock:
+            old, self.idle_runner = self.idle_runner, runner
+        if old is not None:
+            old.close()
+
     def _idle_runner_like(
         self, init: dict[str, Any], activate_env: str | None
     ) -> RunnerProcess | None:
@@ -401,6 +420,12 @@ class Agent:
         jobs of one mapper in a row (many small ones) then start no Python each. Not
         one whose job still has batches here: two jobs taking turns would run the
         mapper's setup (a model's load) at every turn."""
+        with self.lock:
+            idle, self.idle_runner = self.idle_runner, None
+        if idle is not None:
+            if idle.init == init and idle.activate_env == activate_env and idle.alive():
+                return idle
+            idle.close()  # another mapper: what the old one holds (a GPU) goes first
         with self.lock:
             for job_id, runner in list(self.runners.items()):
                 if (
@@ -695,7 +720,11 @@ class Agent:
                     with self.lock:  # the main thread may have taken it for another job
                         runner = self.runners.pop(job_id, None)
                     if runner is not None:
-                        runner.close()
+                        # In a thread of its own: the mapper's code after its loop may
+                        # take a while, and heartbeats must go on.
+                        threading.Thread(
+                            target=self._keep_idle, args=(runner,), name="finish", daemon=True
+                        ).start()
                     self.jobs.pop(job_id, None)
 
     def _log_loop(self) -> None:

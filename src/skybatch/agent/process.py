@@ -275,6 +275,7 @@ class RunnerProcess:
         self.activate_env = activate_env
         self.job_id: int | None = None
         self.init: dict[str, Any] | None = None
+        self.ended = False  # its job's mapper has returned; it waits for another job
         self.generation = 0  # the job's generation this runner's mapper belongs to
         self.killed = False
         # Until it has a job, what it prints (an activate_env's chatter) waits here.
@@ -338,11 +339,10 @@ class RunnerProcess:
             self.start_error = f"the mapper could not be loaded: {msg[0].get('traceback')}"
             self.close()
 
-    def next_job(self, job_id: int, output: Output) -> bool:
-        """Serve another job whose init is this one's: the mapper ends its loop (what it
-        does after it is the old job's, in its log) and a fresh one, in a new namespace,
-        takes the new job's batches; the process and its imports stay, so a short job
-        starts no Python. False if the runner did not get there: use another."""
+    def finish(self) -> bool:
+        """End the job's mapper (its loop returns; what it held is freed; what it does
+        after the loop is that job's, in its log): the runner then waits, its imports
+        loaded, for a next job with this init. False if it did not get there (killed)."""
         try:
             write_frame(self._to, {"type": "end"})
             answered = select.select([self._from], [], [], END_WAIT)[0]
@@ -353,6 +353,17 @@ class RunnerProcess:
         if msg is None or msg[0]["type"] != "ended":
             self.kill()
             return False
+        self.ended = True
+        return True
+
+    def next_job(self, job_id: int, output: Output) -> bool:
+        """Serve another job whose init is this one's, ending the last one's mapper first
+        if it still runs (see :meth:`finish`): a fresh mapper, in a new namespace, takes
+        the new job's batches; the process and its imports stay, so a short job starts
+        no Python. False if the runner did not get there: use another."""
+        if not self.ended and not self.finish():
+            return False
+        self.ended = False
         self.job_id = job_id
         self._output.adopt(output, keep_held=False)  # the old job's stays its own
         return True
