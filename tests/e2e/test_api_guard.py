@@ -31,6 +31,18 @@ def echo():
 
 
 @skybatch.remote_function
+def echo_after_go():
+    import os
+    import time
+
+    for batch in skybatch.load():
+        deadline = time.monotonic() + 60
+        while not os.path.exists(batch[0]["go"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        skybatch.save_results([dict(item) for item in batch])
+
+
+@skybatch.remote_function
 def sleepy():
     import time
 
@@ -172,12 +184,15 @@ def test_parallel_submits_of_one_output_one_wins(
     dep: Deployment, tmp_path: Path, overwrite: bool
 ) -> None:
     url, auth, _ = server(dep)
-    rows = [{"i": i} for i in range(6)]
+    # The job holds its output until every submit is answered: a job that had already
+    # finished would rightly let a later submit with overwrite=True have the output.
+    go = tmp_path / "go"
+    rows = [{"i": i, "go": str(go)} for i in range(6)]
     data = write_jsonl(tmp_path / "in.jsonl", rows)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "out.jsonl"
-    body = submit_body(data, out, overwrite=overwrite)
+    body = submit_body(data, out, overwrite=overwrite, mapper=echo_after_go.to_spec())
     before = {j.id for j in skybatch.jobs_queue()}
     start = threading.Barrier(20)
 
@@ -187,8 +202,11 @@ def test_parallel_submits_of_one_output_one_wins(
             start.wait(timeout=30)
             return client.post(f"{url}/v1/jobs", json=body)
 
-    with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(submit, range(20)))
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(submit, range(20)))
+    finally:
+        go.touch()
     accepted = [r.json()["id"] for r in answers if r.status_code == 200]
     refused = [error_of(r) for r in answers if r.status_code != 200]
     # Before the claim: 5 (7 with overwrite=True) of 20 were accepted.

@@ -34,6 +34,10 @@ class Ending:
             # It scans the job's batches: a big job has them by the million.
             else await asyncio.to_thread(failure_message, self.ctx.store, job)
         )
+        if job_id in self.rt.finishing:
+            # Another ending of the job is under way (two batches out of retries at
+            # once): it alone may say when the job is settled.
+            return
         self.rt.finishing.add(job_id)  # readers get the job once its error is complete
         try:
             # Stop the job first: no commit lands after this, so the counts read next
