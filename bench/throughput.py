@@ -48,7 +48,8 @@ def baseline(src: Path, dst: Path) -> float:
     with open(src, "rb") as fin, open(dst, "w") as fout:
         for line in fin:
             row = json.loads(line)
-            fout.write(json.dumps({"out": row["text"]}, ensure_ascii=False) + "\n")
+            out = json.dumps({"out": row["text"]}, ensure_ascii=False, separators=(",", ":"))
+            fout.write(out + "\n")
     return time.perf_counter() - start
 
 

@@ -461,12 +461,9 @@ def prints_slowly():
         skybatch.save_results([{"i": item["i"]} for item in batch])
 
 
-def test_a_committed_part_lost_before_the_reduce_runs_its_batch_again(
-    shared: Deployment, tmp_path: Path
-) -> None:
-    # Parts are not synced (a machine crash may lose them): the reduce checks each one
-    # against the size its agent wrote, and runs a batch whose part is short again.
-    go = tmp_path / "go"
+def cut_first_part(tmp_path: Path, go: Path) -> tuple[skybatch.Job, Path]:
+    """A 3-batch job whose last batch waits for ``go``, once its first two committed and
+    batch 0's part was cut short, as a machine crash before writeback would leave it."""
     data = write_jsonl(
         tmp_path / "data.jsonl", [{"i": i, "last": 29, "go": str(go)} for i in range(30)]
     )
@@ -485,11 +482,23 @@ def test_a_committed_part_lost_before_the_reduce_runs_its_batch_again(
     first = [p for p in segments if p.read_bytes().startswith(b'{"i":0}')]
     assert len(first) == 1, sorted(staging.rglob("*"))
     with open(first[0], "r+b") as f:
-        f.truncate(5)  # as a crash before the data reached the disk would leave it
-    go.touch()
+        f.truncate(5)
+    return job, out
+
+
+def test_a_committed_part_lost_before_the_reduce_runs_its_batch_again(
+    shared: Deployment, tmp_path: Path
+) -> None:
+    # Parts are not synced (a machine crash may lose them): the reduce checks each one
+    # against the size its agent wrote, and runs a batch whose part is short again.
+    go = tmp_path / "go"
+    try:
+        job, out = cut_first_part(tmp_path, go)
+    finally:
+        go.touch()
     job.wait(timeout=60)
     assert [r["i"] for r in read_jsonl(out)] == list(range(30))
-    assert not staging.exists()
+    assert not (tmp_path / ".skybatch").exists()
     log = shared.home.server_log.read_text()
     assert (
         f"job {job.job_id}: the parts of 1 committed batches are missing or short (lost in a "
@@ -528,24 +537,8 @@ def test_reduce_results_leaves_out_a_lost_part_and_says_its_rows_are_missing(
     shared: Deployment, tmp_path: Path
 ) -> None:
     go = tmp_path / "go"
-    data = write_jsonl(
-        tmp_path / "data.jsonl", [{"i": i, "last": 29, "go": str(go)} for i in range(30)]
-    )
-    out = tmp_path / "out.jsonl"
-    job = skybatch.Dataset(skybatch.JsonReader(str(data))).map(
-        waits_for_go_on_last_row,
-        pool_name="pool",
-        batch_size=10,
-        stream=False,
-        output=skybatch.JsonWriter(str(out)),
-    )
     try:
-        wait_for(lambda: job.info().committed_batches == 2, message="two batches committed")
-        segments = [p for p in (tmp_path / ".skybatch").rglob("segment.*.jsonl") if p.is_file()]
-        first = [p for p in segments if p.read_bytes().startswith(b'{"i":0}')]
-        assert len(first) == 1
-        with open(first[0], "r+b") as f:
-            f.truncate(5)  # as a machine crash before writeback would leave it
+        job, out = cut_first_part(tmp_path, go)
         job.cancel()
         result = skybatch.JsonWriter(str(out)).reduce_results(job_id=job.job_id)
     finally:
