@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import os
 import pickle
 import shutil
@@ -495,13 +494,16 @@ class OutputWriter(_WriterFields):
         segment, offset, size = place
         url = self.segment_path(job_id, segment)
         with storage.translate_errors(url, "read part", OutputError):
-            if storage.is_local(url):
-                with open(url, "rb") as f:
-                    f.seek(offset)
-                    yield cast(IO[bytes], _Range(f, size, url))
-            else:
-                data = storage.read_range(url, offset, offset + size, self.storage_options)
-                yield io.BytesIO(data)
+            # Streamed in either case: a range may be a lease's many parts (coalesced),
+            # which the reduce must not hold in memory at once.
+            opened = (
+                open(url, "rb")  # noqa: SIM115 (closed by the with below)
+                if storage.is_local(url)
+                else storage.open_stream(url, self.storage_options)
+            )
+            with opened as f:
+                f.seek(offset)
+                yield cast(IO[bytes], _Range(f, size, url))
 
     def part_lost(self, job_id: int | str, part: Part) -> bool:
         """Whether a committed local part is gone or cut short (see ``write_part``)."""
@@ -705,8 +707,19 @@ class _Range:
         return self._took(self._f.read(n), n)
 
     def readline(self, limit: int = -1) -> bytes:
+        # By blocks and a seek back: fsspec's files take no readline limit.
         limit = self._left if limit < 0 else min(limit, self._left)
-        return self._took(self._f.readline(limit), limit)
+        out = bytearray()
+        while len(out) < limit:
+            block = self._took(self._f.read(min(65536, limit - len(out))), 1)
+            end = block.find(b"\n") + 1
+            if end:
+                self._f.seek(end - len(block), 1)
+                self._left += len(block) - end
+                out += block[:end]
+                break
+            out += block
+        return bytes(out)
 
 
 class _Replay:
